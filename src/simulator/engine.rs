@@ -393,3 +393,127 @@ fn joined_errors(jobs: &[JobBody]) -> String {
         .collect::<Vec<_>>()
         .join("; ")
 }
+
+#[cfg(test)]
+mod tests {
+    use tokio::time::advance;
+
+    use super::*;
+
+    const UNSCALED: Timing = Timing { time_scale: 1.0 };
+
+    fn execution(jobs: Value) -> Execution {
+        let request = json!({ "executionPlan": { "jobs": jobs } });
+        let plan = Plan::from_value(request).expect("valid test plan");
+        Execution::schedule("exec_test".to_owned(), &plan, UNSCALED)
+    }
+
+    fn job_statuses(status: &StatusBody) -> Vec<&'static str> {
+        status.jobs.iter().map(|job| job.status).collect()
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn jobs_run_after_pending_phase_and_their_dependencies() {
+        let execution = execution(json!([
+            { "id": "a", "type": "generate", "params": { "simulate": { "durationMs": 100 } } },
+            { "id": "b", "type": "merge", "dependsOn": ["a"],
+              "params": { "simulate": { "durationMs": 50 } } },
+        ]));
+
+        let status = execution.status_at(Instant::now());
+        assert_eq!(status.status, "pending");
+        assert_eq!(job_statuses(&status), ["pending", "pending"]);
+
+        advance(Duration::from_millis(200)).await;
+        let status = execution.status_at(Instant::now());
+        assert_eq!(status.status, "processing");
+        assert_eq!(job_statuses(&status), ["processing", "pending"]);
+
+        advance(Duration::from_millis(100)).await;
+        let status = execution.status_at(Instant::now());
+        assert_eq!(job_statuses(&status), ["completed", "processing"]);
+        assert!(status.completed_at.is_none());
+
+        advance(Duration::from_millis(50)).await;
+        let status = execution.status_at(Instant::now());
+        assert_eq!(status.status, "completed");
+        assert_eq!(job_statuses(&status), ["completed", "completed"]);
+        assert!(status.completed_at.is_some());
+
+        let result = status.result.expect("completed executions carry a result");
+        assert_eq!(result["type"], "video");
+        assert!(
+            result["url"]
+                .as_str()
+                .is_some_and(|url| url.ends_with("/exec_test/b.mp4"))
+        );
+        assert!(result.get("model").is_some());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn failure_freezes_the_execution_at_its_instant() {
+        let execution = execution(json!([
+            { "id": "clip", "type": "generate", "params": { "simulate": { "durationMs": 1000 } } },
+            { "id": "sync", "type": "lipSync", "params": { "simulate": { "durationMs": 50, "fail": "no face" } } },
+            { "id": "final", "type": "merge", "dependsOn": ["clip", "sync"] },
+        ]));
+
+        advance(Duration::from_millis(250)).await;
+        let at_failure = execution.status_at(Instant::now());
+        advance(Duration::from_secs(60)).await;
+        let much_later = execution.status_at(Instant::now());
+
+        for status in [&at_failure, &much_later] {
+            assert_eq!(status.status, "failed");
+            assert_eq!(status.error.as_deref(), Some("lipSync: no face"));
+            assert_eq!(job_statuses(status), ["processing", "failed", "pending"]);
+            assert!(status.result.is_none());
+        }
+        assert_eq!(at_failure.completed_at, much_later.completed_at);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn overrides_replace_results_and_the_webhook_body_reports_the_end() {
+        let media = json!({ "url": "https://example.invalid/x.mp4", "width": 7 });
+        let execution = execution(json!([
+            { "id": "only", "type": "generate",
+              "params": { "simulate": { "durationMs": 10, "result": media } } },
+        ]));
+
+        let webhook = execution.webhook_body();
+        assert_eq!(webhook.status, "completed");
+        assert_eq!(webhook.result, Some(media.clone()));
+        assert!(webhook.completed_at.is_some());
+
+        advance(Duration::from_millis(210)).await;
+        let status = execution.status_at(Instant::now());
+        assert_eq!(status.jobs[0].result, Some(media));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn stock_failures_join_every_job_failing_at_the_same_instant() {
+        let execution = execution(json!([
+            { "id": "a", "type": "generate", "params": { "simulate": { "durationMs": 10, "fail": true } } },
+            { "id": "b", "type": "generateImage", "params": { "simulate": { "durationMs": 10, "fail": "bad prompt" } } },
+        ]));
+
+        let webhook = execution.webhook_body();
+        assert_eq!(webhook.status, "failed");
+        assert_eq!(
+            webhook.error.as_deref(),
+            Some("generate: Simulated job failure; generateImage: bad prompt")
+        );
+    }
+
+    #[test]
+    fn zero_time_scale_finishes_generated_jobs_at_once() {
+        let plan = Plan::from_value(json!({ "executionPlan": { "jobs": [
+            { "id": "a", "type": "generate" },
+            { "id": "b", "type": "merge", "dependsOn": ["a"] },
+        ] } }))
+        .expect("valid test plan");
+        let execution = Execution::schedule("x".to_owned(), &plan, Timing { time_scale: 0.0 });
+
+        assert_eq!(execution.finished_at, Duration::ZERO);
+    }
+}

@@ -582,3 +582,83 @@ impl Drop for RunningSimulator {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use clap::{CommandFactory, Parser};
+
+    use super::*;
+
+    #[derive(Debug, Parser)]
+    struct Cli {
+        #[command(flatten)]
+        simulator: SimulatorArgs,
+    }
+
+    #[test]
+    fn flags_parse_into_a_config() {
+        Cli::command().debug_assert();
+
+        let cli = Cli::try_parse_from([
+            "simulate",
+            "--api-key",
+            "sy_test_a",
+            "--api-key",
+            "sy_test_b",
+            "--time-scale",
+            "0.5",
+            "--rate-limit-rate",
+            "1",
+        ])
+        .expect("valid flags");
+        let config = cli.simulator.config();
+
+        assert_eq!(config.api_keys, ["sy_test_a", "sy_test_b"]);
+        assert_eq!(config.time_scale, 0.5);
+        assert_eq!(config.faults.rate_limit_rate, 1.0);
+        assert_eq!(config.faults.retry_after_secs, 1);
+        assert!(Cli::try_parse_from(["simulate", "--error-rate", "1.5"]).is_err());
+    }
+
+    #[test]
+    fn debug_output_never_shows_api_keys() {
+        let config = SimulatorConfig {
+            api_keys: vec!["sy_live_secret".to_owned()],
+            ..SimulatorConfig::default()
+        };
+        let simulator = Simulator::new(config.clone());
+
+        assert!(!format!("{config:?}").contains("sy_live_secret"));
+        assert!(!format!("{simulator:?}").contains("sy_live_secret"));
+    }
+
+    #[test]
+    fn faults_outside_fractions_are_refused_or_clamped() {
+        let faults = Faults {
+            error_rate: 2.0,
+            malformed_rate: f64::NAN,
+            ..Faults::default()
+        };
+        assert!(faults.check().is_err());
+
+        let simulator = Simulator::new(SimulatorConfig::default());
+        simulator.set_faults(faults);
+        assert_eq!(simulator.faults().error_rate, 1.0);
+        assert_eq!(simulator.faults().malformed_rate, 0.0);
+    }
+
+    #[test]
+    fn executions_are_owned_by_their_creator() {
+        let simulator = Simulator::new(SimulatorConfig::default());
+        let samples = simulator.seed_samples("sy_test_owner");
+        assert_eq!(samples.len(), 4);
+
+        let (id, _) = &samples[0];
+        let owner = ApiKey("sy_test_owner".to_owned());
+        let stranger = ApiKey("sy_test_stranger".to_owned());
+        assert!(simulator.execution_for(id, &owner).is_some());
+        assert!(simulator.execution_for(id, &stranger).is_none());
+        assert_eq!(id.len(), EXECUTION_ID_LENGTH);
+        assert!(id.bytes().all(|byte| byte.is_ascii_alphanumeric()));
+    }
+}
