@@ -2,6 +2,8 @@
 //! control routes and signed webhooks, as a gateway would meet them.
 
 use std::collections::BTreeSet;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use axum::body::Bytes;
@@ -568,4 +570,84 @@ async fn webhook_is_delivered_with_a_valid_signature() {
     assert_eq!(payload["status"], "completed");
     assert_eq!(payload["result"]["type"], "image");
     assert!(is_iso_millis(&payload["completedAt"]));
+}
+
+#[tokio::test]
+async fn failed_webhook_deliveries_are_retried() {
+    let (attempt_tx, mut attempts) = mpsc::unbounded_channel::<Bytes>();
+    let refusals_left = Arc::new(AtomicUsize::new(2));
+    let receiver = axum::Router::new().route(
+        "/hook",
+        axum::routing::post(move |body: Bytes| {
+            let attempt_tx = attempt_tx.clone();
+            let refusals_left = Arc::clone(&refusals_left);
+            async move {
+                let _ = attempt_tx.send(body);
+                let refuse = refusals_left
+                    .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |left| {
+                        left.checked_sub(1)
+                    })
+                    .is_ok();
+                if refuse {
+                    axum::http::StatusCode::SERVICE_UNAVAILABLE
+                } else {
+                    axum::http::StatusCode::OK
+                }
+            }
+        }),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("receiver binds");
+    let hook_url = format!(
+        "http://{}/hook",
+        listener.local_addr().expect("receiver addr")
+    );
+    tokio::spawn(async move { axum::serve(listener, receiver).await });
+
+    // A tiny time scale brings the 30 s retry period down to its floor.
+    let harness = Harness::start(SimulatorConfig {
+        time_scale: 0.000_1,
+        ..SimulatorConfig::default()
+    })
+    .await;
+    let (status, _) = harness
+        .create(
+            KEY,
+            json!({
+                "executionPlan": { "jobs": [job("a", "generate", 5, &[])] },
+                "options": { "webhook": hook_url },
+            }),
+        )
+        .await;
+    assert_eq!(status, StatusCode::ACCEPTED);
+
+    let mut bodies = Vec::new();
+    for _ in 0..3 {
+        let body = tokio::time::timeout(WAIT_LIMIT, attempts.recv())
+            .await
+            .expect("another attempt arrives in time")
+            .expect("receiver alive");
+        bodies.push(body);
+    }
+
+    assert!(bodies.windows(2).all(|pair| pair[0] == pair[1]));
+    let extra = tokio::time::timeout(Duration::from_millis(300), attempts.recv()).await;
+    assert!(extra.is_err(), "delivery went on after a 200");
+}
+
+#[tokio::test]
+async fn dropping_the_running_simulator_stops_serving() {
+    let harness = Harness::start(SimulatorConfig::default()).await;
+    let addr = harness.running.addr;
+    drop(harness);
+
+    let deadline = tokio::time::Instant::now() + WAIT_LIMIT;
+    while tokio::net::TcpStream::connect(addr).await.is_ok() {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "still accepting connections"
+        );
+        tokio::time::sleep(POLL_INTERVAL).await;
+    }
 }
