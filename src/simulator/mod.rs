@@ -49,7 +49,7 @@ use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use serde_json::{Value, json};
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 
 use engine::{Execution, Timing};
 use model::Plan;
@@ -489,7 +489,12 @@ impl Simulator {
         );
         drop(executions);
 
-        info!(execution_id = %execution.id, jobs = plan.jobs.len(), webhook = webhook.is_some(), "execution created");
+        debug!(
+            execution_id = %execution.id,
+            jobs = plan.jobs.len(),
+            webhook = webhook.is_some(),
+            "execution created"
+        );
         if let Some(target) = webhook {
             self.shared
                 .webhooks
