@@ -1,5 +1,34 @@
+//! synthome-gateway: a gRPC front for Synthome's execution status API.
+//!
+//! Backend services ask the gateway, not Synthome, how an execution is doing. The modules,
+//! in the order a request meets them:
+//!
+//! - [`service`]: the gRPC surface (`ExecutionStatusService`): reads the call's credential
+//!   and execution id, asks [`snapshots`], and turns failures into statuses through
+//!   [`grpc_error`], the one table from failure to gRPC code.
+//! - [`credential`] and [`execution_id`]: the two inputs of every call, validated before
+//!   anything reaches the upstream; the key never appears in a log or an error.
+//! - [`snapshots`]: the one component that returns an execution's snapshot for a
+//!   (credential, execution id); it remembers ended executions, which never change.
+//! - [`upstream`]: the HTTP client for `GET {base}/{executionId}/status`, and the tolerant
+//!   model of its JSON.
+//! - [`execution`] and [`progress`]: the upstream JSON turned into the `Execution` message,
+//!   with `PipelineProgress` derived from the jobs because the service does not send it.
+//! - [`server`]: builds and runs the gRPC server.
+//! - [`simulator`]: a faithful stand-in for Synthome's API, for demos, tests and benchmarks.
+//! - [`cli`]: the `synthome-gateway` command line.
+
+pub mod credential;
+pub mod execution_id;
+pub mod simulator;
+pub mod upstream;
+
+/// Code generated from `proto/synthome/status/v1/execution_status.proto`.
+#[allow(missing_docs, unreachable_pub, clippy::all)]
 pub mod proto {
     tonic::include_proto!("synthome.status.v1");
-}
 
-pub mod simulator;
+    /// The encoded descriptor set of the contract, for server reflection.
+    pub const FILE_DESCRIPTOR_SET: &[u8] =
+        tonic::include_file_descriptor_set!("synthome_descriptor");
+}

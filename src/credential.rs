@@ -1,0 +1,136 @@
+//! The Synthome API key a call is made with.
+//!
+//! A call's own `authorization: Bearer <key>` metadata wins; without it the gateway's
+//! configured key is used. The key itself never leaves this type except into the upstream
+//! request's `Authorization` header: `Debug` prints a placeholder, and everything that needs
+//! to tell keys apart (cache slots, poller entries) uses the SHA-256 [`Fingerprint`].
+
+use std::{fmt, sync::Arc};
+
+use sha2::{Digest, Sha256};
+use tonic::metadata::MetadataMap;
+
+/// A Synthome API key. Cloning is cheap; the key is never printed.
+#[derive(Clone)]
+pub struct Credential {
+    key: Arc<str>,
+    fingerprint: Fingerprint,
+}
+
+/// SHA-256 of a key: identifies the key without revealing it. Two credentials share
+/// cached state only when their fingerprints are equal.
+#[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Fingerprint([u8; 32]);
+
+/// Why a call's `authorization` metadata could not be used. No variant carries the value.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum CredentialError {
+    #[error(
+        "no API key: send `authorization: Bearer <key>` metadata (the gateway has no key of its own)"
+    )]
+    Missing,
+    #[error("the `authorization` metadata must be `Bearer <key>` with a printable ASCII key")]
+    Malformed,
+}
+
+impl Credential {
+    /// Wraps a configured key; `None` when it is empty.
+    pub fn new(key: &str) -> Option<Self> {
+        let key = key.trim();
+        if key.is_empty() {
+            return None;
+        }
+        let fingerprint = Fingerprint(Sha256::digest(key.as_bytes()).into());
+        Some(Self {
+            key: Arc::from(key),
+            fingerprint,
+        })
+    }
+
+    /// The credential for a call: its own bearer key, else `fallback`.
+    pub fn for_call(
+        metadata: &MetadataMap,
+        fallback: Option<&Credential>,
+    ) -> Result<Self, CredentialError> {
+        let Some(value) = metadata.get("authorization") else {
+            return fallback.cloned().ok_or(CredentialError::Missing);
+        };
+        let value = value.to_str().map_err(|_| CredentialError::Malformed)?;
+        let (scheme, key) = value.split_once(' ').ok_or(CredentialError::Malformed)?;
+        if !scheme.eq_ignore_ascii_case("bearer") || !key.bytes().all(|b| b.is_ascii_graphic()) {
+            return Err(CredentialError::Malformed);
+        }
+        Self::new(key).ok_or(CredentialError::Malformed)
+    }
+
+    /// The value for an upstream `Authorization` header.
+    pub fn bearer_header(&self) -> String {
+        format!("Bearer {}", self.key)
+    }
+
+    pub fn fingerprint(&self) -> Fingerprint {
+        self.fingerprint
+    }
+}
+
+impl fmt::Debug for Credential {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Credential(<redacted>)")
+    }
+}
+
+impl fmt::Debug for Fingerprint {
+    /// Eight hex digits are enough to tell keys apart in a debugger, and reveal nothing.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "Fingerprint({})", hex::encode(&self.0[..4]))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn metadata(authorization: &str) -> MetadataMap {
+        let mut map = MetadataMap::new();
+        map.insert("authorization", authorization.parse().unwrap());
+        map
+    }
+
+    #[test]
+    fn the_call_key_wins_over_the_fallback() {
+        let fallback = Credential::new("sy_test_fallback").unwrap();
+        let own = Credential::for_call(&metadata("Bearer sy_test_own"), Some(&fallback)).unwrap();
+        assert_eq!(own.bearer_header(), "Bearer sy_test_own");
+        assert_ne!(own.fingerprint(), fallback.fingerprint());
+    }
+
+    #[test]
+    fn without_metadata_the_fallback_is_used_or_the_call_refused() {
+        let fallback = Credential::new("sy_test_fallback").unwrap();
+        let used = Credential::for_call(&MetadataMap::new(), Some(&fallback)).unwrap();
+        assert_eq!(used.fingerprint(), fallback.fingerprint());
+        assert_eq!(
+            Credential::for_call(&MetadataMap::new(), None).unwrap_err(),
+            CredentialError::Missing
+        );
+    }
+
+    #[test]
+    fn malformed_metadata_is_refused_without_falling_back() {
+        let fallback = Credential::new("sy_test_fallback").unwrap();
+        for bad in ["sy_test_key", "Basic abc", "Bearer ", "Bearer a b"] {
+            assert_eq!(
+                Credential::for_call(&metadata(bad), Some(&fallback)).unwrap_err(),
+                CredentialError::Malformed,
+                "{bad}"
+            );
+        }
+    }
+
+    #[test]
+    fn debug_output_never_shows_the_key() {
+        let credential = Credential::new("sy_live_secret").unwrap();
+        let printed = format!("{credential:?} {:?}", credential.fingerprint());
+        assert!(!printed.contains("secret"), "{printed}");
+    }
+}

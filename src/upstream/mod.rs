@@ -1,0 +1,334 @@
+//! The client for Synthome's execution API: `GET {base}/{executionId}/status`.
+//!
+//! Design decisions:
+//! - One `reqwest` client (one connection pool, rustls) serves the whole process.
+//! - Redirects are never followed: a redirect could carry the caller's API key to another
+//!   host, so a 3xx answer is reported as an upstream failure instead.
+//! - Every request has a connect timeout and a total timeout, and the body is read up to a
+//!   cap, so a slow or hostile upstream cannot hold a task or memory without bound.
+//! - Errors keep the upstream's own `message` text (trimmed to a sane length) because it is
+//!   what a caller needs to act on; they never hold the API key, and transport errors are
+//!   stripped of their URL.
+//!
+//! Limits: `Retry-After` is read in its seconds form; the HTTP-date form (which Synthome does
+//! not send) is treated as absent, and callers fall back to their own backoff.
+
+pub mod model;
+
+use std::{future::Future, pin::Pin, time::Duration};
+
+use reqwest::{StatusCode, Url, header};
+use serde::Deserialize;
+
+use crate::{credential::Credential, execution_id::ExecutionId};
+pub use model::{JobBody, StatusBody};
+
+/// How long an upstream message may be before it is cut when passed on to a caller.
+const MAX_MESSAGE_CHARS: usize = 300;
+
+/// A source of execution status bodies. The HTTP client is the real one; tests of the
+/// snapshot and polling logic plug in their own.
+pub trait StatusSource: Send + Sync + 'static {
+    fn fetch_status<'a>(
+        &'a self,
+        credential: &'a Credential,
+        execution_id: &'a ExecutionId,
+    ) -> Pin<Box<dyn Future<Output = Result<StatusBody, UpstreamError>> + Send + 'a>>;
+}
+
+/// Why a status read failed. Each variant maps to one gRPC code in `crate::grpc_error`.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum UpstreamError {
+    #[error("Synthome has no execution with this id")]
+    NotFound,
+    #[error("Synthome rejected the API key: {message}")]
+    Unauthenticated { message: String },
+    #[error("Synthome refused access: {message}")]
+    PermissionDenied { message: String },
+    #[error("Synthome rate-limited this API key: {message}")]
+    RateLimited {
+        message: String,
+        retry_after: Option<Duration>,
+    },
+    #[error("Synthome answered {status}: {message}")]
+    ServerError { status: u16, message: String },
+    #[error("Synthome refused the request with {status}: {message}")]
+    Rejected { status: u16, message: String },
+    #[error("Synthome answered with a redirect ({status}), which the gateway does not follow")]
+    Redirected { status: u16 },
+    #[error("Synthome could not be reached: {0}")]
+    Unreachable(String),
+    #[error("Synthome did not answer within {0:?}")]
+    TimedOut(Duration),
+    #[error("Synthome's answer is not the documented status JSON: {0}")]
+    Malformed(String),
+}
+
+/// Settings of the upstream client.
+#[derive(Debug, Clone)]
+pub struct UpstreamConfig {
+    /// The API base, such as `https://api.synthome.dev/api/execute`.
+    pub base_url: Url,
+    pub connect_timeout: Duration,
+    pub request_timeout: Duration,
+    pub max_body_bytes: usize,
+}
+
+/// Why the upstream client could not be built.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("the upstream URL must use http or https, not {0:?}")]
+    Scheme(String),
+    #[error("the upstream URL must not carry a user name or password; pass the key with --api-key")]
+    Credentials,
+    #[error("the upstream URL must not have a query or fragment")]
+    QueryOrFragment,
+    #[error("could not build the HTTP client: {0}")]
+    Client(#[from] reqwest::Error),
+}
+
+/// The HTTP client for Synthome's status route.
+#[derive(Debug, Clone)]
+pub struct UpstreamClient {
+    http: reqwest::Client,
+    /// The base URL without a trailing slash.
+    base: String,
+    request_timeout: Duration,
+    max_body_bytes: usize,
+}
+
+impl UpstreamClient {
+    pub fn new(config: &UpstreamConfig) -> Result<Self, ConfigError> {
+        let url = &config.base_url;
+        if !matches!(url.scheme(), "http" | "https") {
+            return Err(ConfigError::Scheme(url.scheme().to_owned()));
+        }
+        if !url.username().is_empty() || url.password().is_some() {
+            return Err(ConfigError::Credentials);
+        }
+        if url.query().is_some() || url.fragment().is_some() {
+            return Err(ConfigError::QueryOrFragment);
+        }
+
+        let http = reqwest::Client::builder()
+            .connect_timeout(config.connect_timeout)
+            .timeout(config.request_timeout)
+            .redirect(reqwest::redirect::Policy::none())
+            .user_agent(concat!("synthome-gateway/", env!("CARGO_PKG_VERSION")))
+            .build()?;
+        Ok(Self {
+            http,
+            base: url.as_str().trim_end_matches('/').to_owned(),
+            request_timeout: config.request_timeout,
+            max_body_bytes: config.max_body_bytes,
+        })
+    }
+
+    /// Reads one execution's status. The id is validated, so it is safe in the path as is.
+    pub async fn status(
+        &self,
+        credential: &Credential,
+        execution_id: &ExecutionId,
+    ) -> Result<StatusBody, UpstreamError> {
+        let url = format!("{}/{execution_id}/status", self.base);
+        let response = self
+            .http
+            .get(url)
+            .header(header::AUTHORIZATION, credential.bearer_header())
+            .header(header::ACCEPT, "application/json")
+            .send()
+            .await
+            .map_err(|err| self.transport_error(err))?;
+
+        let status = response.status();
+        let retry_after = retry_after(response.headers());
+        let body = self.read_capped(response).await?;
+        if status.is_success() {
+            parse_status_body(&body, execution_id)
+        } else {
+            Err(error_for(status, &body, retry_after))
+        }
+    }
+
+    async fn read_capped(&self, mut response: reqwest::Response) -> Result<Vec<u8>, UpstreamError> {
+        let too_large = || {
+            UpstreamError::Malformed(format!(
+                "the body is larger than the {}-byte limit",
+                self.max_body_bytes
+            ))
+        };
+        if response
+            .content_length()
+            .is_some_and(|length| length > self.max_body_bytes as u64)
+        {
+            return Err(too_large());
+        }
+
+        let mut body = Vec::new();
+        while let Some(chunk) = response
+            .chunk()
+            .await
+            .map_err(|err| self.transport_error(err))?
+        {
+            if body.len() + chunk.len() > self.max_body_bytes {
+                return Err(too_large());
+            }
+            body.extend_from_slice(&chunk);
+        }
+        Ok(body)
+    }
+
+    fn transport_error(&self, err: reqwest::Error) -> UpstreamError {
+        if err.is_timeout() {
+            return UpstreamError::TimedOut(self.request_timeout);
+        }
+        UpstreamError::Unreachable(error_chain(&err.without_url()))
+    }
+}
+
+impl StatusSource for UpstreamClient {
+    fn fetch_status<'a>(
+        &'a self,
+        credential: &'a Credential,
+        execution_id: &'a ExecutionId,
+    ) -> Pin<Box<dyn Future<Output = Result<StatusBody, UpstreamError>> + Send + 'a>> {
+        Box::pin(self.status(credential, execution_id))
+    }
+}
+
+/// Parses a 200 body and checks that it describes the execution asked for.
+fn parse_status_body(body: &[u8], asked: &ExecutionId) -> Result<StatusBody, UpstreamError> {
+    let parsed: StatusBody =
+        serde_json::from_slice(body).map_err(|err| UpstreamError::Malformed(err.to_string()))?;
+    if parsed.id != asked.as_str() {
+        return Err(UpstreamError::Malformed(format!(
+            "asked for execution {asked:?} but the answer describes {:?}",
+            truncate(&parsed.id, 64)
+        )));
+    }
+    Ok(parsed)
+}
+
+/// Maps a non-2xx answer to an error, keeping the upstream's message.
+fn error_for(status: StatusCode, body: &[u8], retry_after: Option<Duration>) -> UpstreamError {
+    let message = error_message(body)
+        .unwrap_or_else(|| status.canonical_reason().unwrap_or("no message").to_owned());
+    match status.as_u16() {
+        404 => UpstreamError::NotFound,
+        401 => UpstreamError::Unauthenticated { message },
+        403 => UpstreamError::PermissionDenied { message },
+        429 => UpstreamError::RateLimited {
+            message,
+            retry_after,
+        },
+        code @ 300..=399 => UpstreamError::Redirected { status: code },
+        code @ 500..=599 => UpstreamError::ServerError {
+            status: code,
+            message,
+        },
+        code => UpstreamError::Rejected {
+            status: code,
+            message,
+        },
+    }
+}
+
+/// The most useful text of an error body: `message`, else `error`.
+fn error_message(body: &[u8]) -> Option<String> {
+    #[derive(Deserialize)]
+    struct ErrorBody {
+        error: Option<String>,
+        message: Option<String>,
+    }
+    let parsed: ErrorBody = serde_json::from_slice(body).ok()?;
+    let text = parsed.message.or(parsed.error)?;
+    Some(truncate(&text, MAX_MESSAGE_CHARS))
+}
+
+fn retry_after(headers: &header::HeaderMap) -> Option<Duration> {
+    let seconds = headers.get(header::RETRY_AFTER)?.to_str().ok()?.trim();
+    seconds.parse::<u64>().ok().map(Duration::from_secs)
+}
+
+fn truncate(text: &str, max_chars: usize) -> String {
+    match text.char_indices().nth(max_chars) {
+        Some((cut, _)) => format!("{}…", &text[..cut]),
+        None => text.to_owned(),
+    }
+}
+
+/// An error with its sources, which is where reqwest keeps the useful part
+/// ("connection refused" and the like).
+fn error_chain(err: &dyn std::error::Error) -> String {
+    let mut text = err.to_string();
+    let mut source = err.source();
+    while let Some(cause) = source {
+        text.push_str(": ");
+        text.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    text
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn maps_each_documented_error_body() {
+        let unauthorized = br#"{"error":"Unauthorized","message":"Invalid or inactive API key"}"#;
+        assert_eq!(
+            error_for(StatusCode::UNAUTHORIZED, unauthorized, None),
+            UpstreamError::Unauthenticated {
+                message: "Invalid or inactive API key".into()
+            }
+        );
+        assert_eq!(
+            error_for(
+                StatusCode::NOT_FOUND,
+                br#"{"error":"Execution not found"}"#,
+                None
+            ),
+            UpstreamError::NotFound
+        );
+        let limited = br#"{"error":"Rate Limit Exceeded","message":"Usage limit","code":"RATE_LIMIT_EXCEEDED"}"#;
+        assert_eq!(
+            error_for(
+                StatusCode::TOO_MANY_REQUESTS,
+                limited,
+                Some(Duration::from_secs(7))
+            ),
+            UpstreamError::RateLimited {
+                message: "Usage limit".into(),
+                retry_after: Some(Duration::from_secs(7))
+            }
+        );
+        assert_eq!(
+            error_for(StatusCode::BAD_GATEWAY, b"<html>oops</html>", None),
+            UpstreamError::ServerError {
+                status: 502,
+                message: "Bad Gateway".into()
+            }
+        );
+        assert_eq!(
+            error_for(StatusCode::FOUND, b"", None),
+            UpstreamError::Redirected { status: 302 }
+        );
+    }
+
+    #[test]
+    fn an_answer_about_another_execution_is_refused() {
+        let asked = ExecutionId::parse("exec_abc123").unwrap();
+        let err =
+            parse_status_body(br#"{"id":"exec_other","status":"pending"}"#, &asked).unwrap_err();
+        assert!(matches!(err, UpstreamError::Malformed(text) if text.contains("exec_other")));
+        assert!(parse_status_body(b"not json", &asked).is_err());
+    }
+
+    #[test]
+    fn long_messages_are_cut() {
+        let long = "x".repeat(1000);
+        assert_eq!(truncate(&long, 10), format!("{}…", "x".repeat(10)));
+        assert_eq!(truncate("short", 10), "short");
+    }
+}
