@@ -19,7 +19,10 @@
 //! - [`cli`]: the `synthome-gateway` command line.
 
 pub mod credential;
+pub mod execution;
 pub mod execution_id;
+pub mod json;
+pub mod progress;
 pub mod simulator;
 pub mod upstream;
 
