@@ -21,9 +21,13 @@
 pub mod credential;
 pub mod execution;
 pub mod execution_id;
+pub mod grpc_error;
 pub mod json;
 pub mod progress;
+pub mod server;
+pub mod service;
 pub mod simulator;
+pub mod snapshots;
 pub mod upstream;
 
 /// Code generated from `proto/synthome/status/v1/execution_status.proto`.
