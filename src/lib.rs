@@ -18,6 +18,7 @@
 //! - [`simulator`]: a faithful stand-in for Synthome's API, for demos, tests and benchmarks.
 //! - [`cli`]: the `synthome-gateway` command line.
 
+pub mod cli;
 pub mod credential;
 pub mod execution;
 pub mod execution_id;

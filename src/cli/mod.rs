@@ -1,0 +1,232 @@
+//! The `synthome-gateway` command line: `serve`, `simulate` and `status`.
+//!
+//! Every flag can also be set from the environment variable named in `--help`; the API key
+//! flags hide their environment value from `--help` so a key never lands in a terminal
+//! scroll-back or a CI log.
+
+mod output;
+mod status;
+
+use std::{
+    error::Error, net::SocketAddr, num::NonZeroUsize, process::ExitCode, sync::Arc, time::Duration,
+};
+
+use clap::{Args, Parser, Subcommand};
+use reqwest::Url;
+use tokio::net::TcpListener;
+use tracing::{info, warn};
+
+use crate::{
+    credential::Credential,
+    server::{Gateway, GatewaySettings},
+    simulator::{Simulator, SimulatorArgs, SimulatorConfig},
+    upstream::{UpstreamClient, UpstreamConfig},
+};
+
+/// Synthome's API base, as the SDK's default `apiUrl`.
+pub const DEFAULT_UPSTREAM_URL: &str = "https://api.synthome.dev/api/execute";
+
+/// The key `serve --simulate` uses when none is given: the embedded simulator accepts any.
+const SIMULATOR_DEMO_KEY: &str = "sy_test_simulator_demo";
+
+/// A gRPC gateway in front of Synthome's execution status API.
+#[derive(Debug, Parser)]
+#[command(name = "synthome-gateway", version, about, long_about = None)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the gateway.
+    Serve(ServeArgs),
+    /// Run a stand-in for Synthome's execution API, for demos, tests and benchmarks.
+    Simulate(SimulatorArgs),
+    /// Ask a running gateway for the status of one execution.
+    Status(status::StatusArgs),
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct ServeArgs {
+    /// Address the gRPC server listens on.
+    #[arg(
+        long,
+        env = "SYNTHOME_GATEWAY_LISTEN",
+        default_value = "127.0.0.1:50051"
+    )]
+    pub listen: SocketAddr,
+
+    /// Start a built-in simulator of Synthome's API and use it as the upstream, seeded with
+    /// sample executions whose ids are logged. No account needed; --upstream-url is ignored.
+    #[arg(long, env = "SYNTHOME_GATEWAY_SIMULATE")]
+    pub simulate: bool,
+
+    /// How many ended (completed or failed) executions to remember per gateway; repeats of
+    /// those are answered without asking Synthome.
+    #[arg(
+        long,
+        env = "SYNTHOME_GATEWAY_ENDED_CACHE_SIZE",
+        default_value = "10000"
+    )]
+    pub ended_cache_size: NonZeroUsize,
+
+    #[command(flatten)]
+    pub upstream: UpstreamArgs,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct UpstreamArgs {
+    /// Base URL of Synthome's execution API; status is read from {url}/{executionId}/status.
+    #[arg(long, env = "SYNTHOME_API_URL", default_value = DEFAULT_UPSTREAM_URL)]
+    pub upstream_url: Url,
+
+    /// API key used for calls that carry no `authorization: Bearer` metadata of their own.
+    /// Without it, such calls fail with UNAUTHENTICATED.
+    #[arg(long, env = "SYNTHOME_API_KEY", hide_env_values = true)]
+    pub api_key: Option<String>,
+
+    /// Time allowed to open a connection to Synthome (e.g. 500ms, 2s).
+    #[arg(long, env = "SYNTHOME_GATEWAY_UPSTREAM_CONNECT_TIMEOUT", default_value = "2s", value_parser = parse_duration)]
+    pub upstream_connect_timeout: Duration,
+
+    /// Time allowed for one whole request to Synthome, body included.
+    #[arg(long, env = "SYNTHOME_GATEWAY_UPSTREAM_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
+    pub upstream_timeout: Duration,
+
+    /// Largest response body accepted from Synthome, in bytes.
+    #[arg(
+        long,
+        env = "SYNTHOME_GATEWAY_UPSTREAM_MAX_BODY_BYTES",
+        default_value = "4194304"
+    )]
+    pub upstream_max_body_bytes: usize,
+}
+
+impl UpstreamArgs {
+    fn config(&self, base_url: Url) -> UpstreamConfig {
+        UpstreamConfig {
+            base_url,
+            connect_timeout: self.upstream_connect_timeout,
+            request_timeout: self.upstream_timeout,
+            max_body_bytes: self.upstream_max_body_bytes,
+        }
+    }
+}
+
+/// Runs a parsed command line to its end.
+pub async fn run(cli: Cli) -> Result<ExitCode, Box<dyn Error>> {
+    match cli.command {
+        Command::Serve(args) => serve(args).await.map(|()| ExitCode::SUCCESS),
+        Command::Simulate(args) => simulate(args).await.map(|()| ExitCode::SUCCESS),
+        Command::Status(args) => status::run(args).await,
+    }
+}
+
+async fn serve(args: ServeArgs) -> Result<(), Box<dyn Error>> {
+    let mut fallback_key = args.upstream.api_key.clone();
+    let mut base_url = args.upstream.upstream_url.clone();
+
+    // The simulator lives as long as this function: it serves until the gateway stops.
+    let _simulator = if args.simulate {
+        let running = Simulator::spawn(SimulatorConfig::default()).await?;
+        let key = fallback_key.get_or_insert_with(|| SIMULATOR_DEMO_KEY.to_owned());
+        base_url = Url::parse(&running.base_url())?;
+        info!(upstream = %base_url, "serving with the built-in simulator as upstream");
+        for (execution_id, description) in running.simulator.seed_samples(key) {
+            info!(%execution_id, %description, "sample execution started");
+        }
+        Some(running)
+    } else {
+        None
+    };
+
+    let fallback_credential = fallback_key.as_deref().and_then(Credential::new);
+    if fallback_credential.is_none() {
+        warn!("no --api-key: calls without `authorization` metadata will be refused");
+    }
+    let upstream = UpstreamClient::new(&args.upstream.config(base_url))?;
+    let settings = GatewaySettings {
+        fallback_credential,
+        ended_cache_size: args.ended_cache_size,
+    };
+    let listener = TcpListener::bind(args.listen).await?;
+    Gateway::new(Arc::new(upstream), settings)
+        .serve(listener, shutdown_signal())
+        .await?;
+    info!("gateway stopped");
+    Ok(())
+}
+
+async fn simulate(args: SimulatorArgs) -> Result<(), Box<dyn Error>> {
+    let listener = TcpListener::bind(args.listen).await?;
+    info!(addr = %listener.local_addr()?, "simulator listening; base URL is http://{}/api/execute", listener.local_addr()?);
+    Simulator::new(args.config())
+        .serve(listener, shutdown_signal())
+        .await?;
+    Ok(())
+}
+
+/// Resolves on SIGINT or SIGTERM.
+async fn shutdown_signal() {
+    let interrupt = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{SignalKind, signal};
+        match signal(SignalKind::terminate()) {
+            Ok(mut terminate) => {
+                tokio::select! {
+                    _ = interrupt => {},
+                    _ = terminate.recv() => {},
+                }
+            }
+            Err(err) => {
+                warn!(error = %err, "cannot listen for SIGTERM; stopping on SIGINT only");
+                let _ = interrupt.await;
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = interrupt.await;
+    info!("shutdown signal received");
+}
+
+/// Parses durations such as `250ms`, `2s`, `5m` or `1h`.
+pub fn parse_duration(text: &str) -> Result<Duration, String> {
+    let text = text.trim();
+    let split = text
+        .find(|c: char| !c.is_ascii_digit())
+        .ok_or_else(|| format!("{text:?} has no unit; use ms, s, m or h"))?;
+    let (digits, unit) = text.split_at(split);
+    let amount: u64 = digits
+        .parse()
+        .map_err(|_| format!("{text:?} does not start with a whole number"))?;
+    match unit {
+        "ms" => Ok(Duration::from_millis(amount)),
+        "s" => Ok(Duration::from_secs(amount)),
+        "m" => Ok(Duration::from_secs(amount * 60)),
+        "h" => Ok(Duration::from_secs(amount * 3600)),
+        _ => Err(format!("{text:?} has an unknown unit; use ms, s, m or h")),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_durations() {
+        assert_eq!(parse_duration("250ms"), Ok(Duration::from_millis(250)));
+        assert_eq!(parse_duration("2s"), Ok(Duration::from_secs(2)));
+        assert_eq!(parse_duration("5m"), Ok(Duration::from_secs(300)));
+        assert!(parse_duration("5").is_err());
+        assert!(parse_duration("s").is_err());
+        assert!(parse_duration("1.5s").is_err());
+    }
+
+    #[test]
+    fn the_command_line_is_well_formed() {
+        use clap::CommandFactory;
+        Cli::command().debug_assert();
+    }
+}

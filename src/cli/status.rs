@@ -1,0 +1,84 @@
+//! `synthome-gateway status <execution-id>`: one GetExecutionStatus call, printed for a
+//! person or, with `--json`, as the full message in protobuf's JSON mapping.
+
+use std::{error::Error, process::ExitCode, time::Duration};
+
+use clap::Args;
+use tonic::{Request, Status, metadata::MetadataValue};
+use tonic_types::StatusExt;
+
+use super::{output, parse_duration};
+use crate::proto::{
+    GetExecutionStatusRequest, execution_status_service_client::ExecutionStatusServiceClient,
+};
+
+#[derive(Debug, Clone, Args)]
+pub struct StatusArgs {
+    /// The execution to look up.
+    pub execution_id: String,
+
+    /// The gateway to ask.
+    #[arg(
+        long,
+        env = "SYNTHOME_GATEWAY_ADDR",
+        default_value = "http://127.0.0.1:50051"
+    )]
+    pub addr: String,
+
+    /// API key to send as `authorization: Bearer` metadata; without it the gateway uses its own.
+    #[arg(long, env = "SYNTHOME_API_KEY", hide_env_values = true)]
+    pub api_key: Option<String>,
+
+    /// Deadline for the call (e.g. 500ms, 10s).
+    #[arg(long, default_value = "10s", value_parser = parse_duration)]
+    pub timeout: Duration,
+
+    /// Print the whole Execution message as JSON instead of a summary.
+    #[arg(long)]
+    pub json: bool,
+}
+
+pub(super) async fn run(args: StatusArgs) -> Result<ExitCode, Box<dyn Error>> {
+    let mut client = ExecutionStatusServiceClient::connect(args.addr.clone()).await?;
+    let mut request = Request::new(GetExecutionStatusRequest {
+        execution_id: args.execution_id.clone(),
+    });
+    request.set_timeout(args.timeout);
+    if let Some(key) = &args.api_key {
+        let value = MetadataValue::try_from(format!("Bearer {key}"))
+            .map_err(|_| "the API key contains characters that cannot be sent as metadata")?;
+        request.metadata_mut().insert("authorization", value);
+    }
+
+    match client.get_execution_status(request).await {
+        Ok(response) => {
+            let execution = response.into_inner().execution.unwrap_or_default();
+            if args.json {
+                println!(
+                    "{}",
+                    serde_json::to_string_pretty(&output::execution_json(&execution))?
+                );
+            } else {
+                print!("{}", output::summary(&execution));
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Err(status) => {
+            eprintln!("{}", describe_error(&status));
+            Ok(ExitCode::FAILURE)
+        }
+    }
+}
+
+/// `NOT_FOUND (EXECUTION_NOT_FOUND): execution x: …`, with the retry hint when there is one.
+pub(super) fn describe_error(status: &Status) -> String {
+    let mut text = format!("error: {:?}", status.code());
+    if let Some(info) = status.get_details_error_info() {
+        text.push_str(&format!(" ({})", info.reason));
+    }
+    text.push_str(&format!(": {}", status.message()));
+    if let Some(delay) = status.get_details_retry_info().and_then(|r| r.retry_delay) {
+        text.push_str(&format!(" (retry after {delay:?})"));
+    }
+    text
+}
