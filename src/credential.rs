@@ -71,6 +71,12 @@ impl Credential {
     pub fn fingerprint(&self) -> Fingerprint {
         self.fingerprint
     }
+
+    /// `text` with every occurrence of the key replaced, for text that came from elsewhere
+    /// (an upstream error message could echo the key it refused).
+    pub fn redact(&self, text: &str) -> String {
+        text.replace(&*self.key, "<redacted>")
+    }
 }
 
 impl fmt::Debug for Credential {
@@ -125,6 +131,15 @@ mod tests {
                 "{bad}"
             );
         }
+    }
+
+    #[test]
+    fn redacts_the_key_from_foreign_text() {
+        let credential = Credential::new("sy_live_secret").unwrap();
+        assert_eq!(
+            credential.redact("key sy_live_secret is inactive"),
+            "key <redacted> is inactive"
+        );
     }
 
     #[test]

@@ -146,7 +146,7 @@ impl UpstreamClient {
         if status.is_success() {
             parse_status_body(&body, execution_id)
         } else {
-            Err(error_for(status, &body, retry_after))
+            Err(error_for(status, &body, retry_after, credential))
         }
     }
 
@@ -210,9 +210,17 @@ fn parse_status_body(body: &[u8], asked: &ExecutionId) -> Result<StatusBody, Ups
 }
 
 /// Maps a non-2xx answer to an error, keeping the upstream's message.
-fn error_for(status: StatusCode, body: &[u8], retry_after: Option<Duration>) -> UpstreamError {
-    let message = error_message(body)
-        .unwrap_or_else(|| status.canonical_reason().unwrap_or("no message").to_owned());
+/// An upstream message could echo the key it refused, so the key is redacted from it.
+fn error_for(
+    status: StatusCode,
+    body: &[u8],
+    retry_after: Option<Duration>,
+    credential: &Credential,
+) -> UpstreamError {
+    let message = match error_message(body) {
+        Some(text) => credential.redact(&text),
+        None => status.canonical_reason().unwrap_or("no message").to_owned(),
+    };
     match status.as_u16() {
         404 => UpstreamError::NotFound,
         401 => UpstreamError::Unauthenticated { message },
@@ -274,11 +282,26 @@ fn error_chain(err: &dyn std::error::Error) -> String {
 mod tests {
     use super::*;
 
+    fn key() -> Credential {
+        Credential::new("sy_test_key").unwrap()
+    }
+
+    #[test]
+    fn an_echoed_key_is_redacted_from_the_message() {
+        let body = br#"{"error":"Unauthorized","message":"key sy_test_key is inactive"}"#;
+        assert_eq!(
+            error_for(StatusCode::UNAUTHORIZED, body, None, &key()),
+            UpstreamError::Unauthenticated {
+                message: "key <redacted> is inactive".into()
+            }
+        );
+    }
+
     #[test]
     fn maps_each_documented_error_body() {
         let unauthorized = br#"{"error":"Unauthorized","message":"Invalid or inactive API key"}"#;
         assert_eq!(
-            error_for(StatusCode::UNAUTHORIZED, unauthorized, None),
+            error_for(StatusCode::UNAUTHORIZED, unauthorized, None, &key()),
             UpstreamError::Unauthenticated {
                 message: "Invalid or inactive API key".into()
             }
@@ -287,7 +310,8 @@ mod tests {
             error_for(
                 StatusCode::NOT_FOUND,
                 br#"{"error":"Execution not found"}"#,
-                None
+                None,
+                &key()
             ),
             UpstreamError::NotFound
         );
@@ -296,7 +320,8 @@ mod tests {
             error_for(
                 StatusCode::TOO_MANY_REQUESTS,
                 limited,
-                Some(Duration::from_secs(7))
+                Some(Duration::from_secs(7)),
+                &key()
             ),
             UpstreamError::RateLimited {
                 message: "Usage limit".into(),
@@ -304,14 +329,14 @@ mod tests {
             }
         );
         assert_eq!(
-            error_for(StatusCode::BAD_GATEWAY, b"<html>oops</html>", None),
+            error_for(StatusCode::BAD_GATEWAY, b"<html>oops</html>", None, &key()),
             UpstreamError::ServerError {
                 status: 502,
                 message: "Bad Gateway".into()
             }
         );
         assert_eq!(
-            error_for(StatusCode::FOUND, b"", None),
+            error_for(StatusCode::FOUND, b"", None, &key()),
             UpstreamError::Redirected { status: 302 }
         );
     }
