@@ -9,10 +9,12 @@ use std::{collections::HashMap, time::Duration};
 
 use tonic::{Code, Status};
 use tonic_types::{ErrorDetails, StatusExt};
+use tracing::{info, warn};
 
 use crate::{
     credential::CredentialError,
     execution_id::{ExecutionId, InvalidExecutionId},
+    registry::ReadError,
     upstream::UpstreamError,
 };
 
@@ -21,6 +23,10 @@ pub const DOMAIN: &str = "synthome-gateway";
 
 /// The delay suggested for transient upstream failures that come without a `Retry-After`.
 const DEFAULT_RETRY_DELAY: Duration = Duration::from_secs(1);
+
+/// The delay suggested after an outage ended a watch: long enough not to pile onto a
+/// struggling upstream.
+const OUTAGE_RETRY_DELAY: Duration = Duration::from_secs(5);
 
 /// Why a call failed.
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
@@ -31,8 +37,27 @@ pub enum CallError {
     InvalidExecutionId(#[from] InvalidExecutionId),
     #[error(transparent)]
     Upstream(#[from] UpstreamError),
+    #[error("Synthome has been failing for {}s; last error: {last}", lasted.as_secs())]
+    UpstreamOutage {
+        lasted: Duration,
+        last: UpstreamError,
+    },
+    #[error("the gateway stopped following this execution unexpectedly; retry")]
+    Interrupted,
+    #[error("the gateway is shutting down; reconnect, passing the last revision received")]
+    ShuttingDown,
     #[error("the call's deadline passed before Synthome answered")]
     DeadlineExceeded,
+}
+
+impl From<ReadError> for CallError {
+    fn from(err: ReadError) -> Self {
+        match err {
+            ReadError::Upstream(upstream) => Self::Upstream(upstream),
+            ReadError::Outage { lasted, last } => Self::UpstreamOutage { lasted, last },
+            ReadError::Stopped => Self::Interrupted,
+        }
+    }
 }
 
 /// One row of the table.
@@ -78,6 +103,15 @@ impl CallError {
                 Mapping::new(Code::InvalidArgument, "INVALID_EXECUTION_ID")
             }
             Self::DeadlineExceeded => Mapping::new(Code::DeadlineExceeded, "DEADLINE_EXCEEDED"),
+            Self::UpstreamOutage { .. } => {
+                Mapping::new(Code::Unavailable, "UPSTREAM_OUTAGE").retry(OUTAGE_RETRY_DELAY)
+            }
+            Self::Interrupted => {
+                Mapping::new(Code::Unavailable, "WATCH_INTERRUPTED").retry(DEFAULT_RETRY_DELAY)
+            }
+            Self::ShuttingDown => {
+                Mapping::new(Code::Unavailable, "GATEWAY_SHUTTING_DOWN").retry(Duration::ZERO)
+            }
             Self::Upstream(upstream) => match upstream {
                 U::NotFound => Mapping::new(Code::NotFound, "EXECUTION_NOT_FOUND").http(404),
                 U::Unauthenticated { .. } => {
@@ -121,10 +155,23 @@ impl CallError {
     /// Whether the failure lies with Synthome or the way to it, rather than with the call:
     /// these are logged as warnings, the others as the caller's business.
     pub fn is_upstream_fault(&self) -> bool {
-        matches!(
-            self.code(),
-            Code::Unavailable | Code::Internal | Code::ResourceExhausted
-        )
+        !matches!(self, Self::ShuttingDown)
+            && matches!(
+                self.code(),
+                Code::Unavailable | Code::Internal | Code::ResourceExhausted
+            )
+    }
+
+    /// Logs the failure, once, at a level that says whose fault it is, and returns its
+    /// status. Call this where the failure is handled, and nowhere else.
+    pub fn report(&self, execution_id: Option<&ExecutionId>) -> Status {
+        let status = self.to_status(execution_id);
+        if self.is_upstream_fault() {
+            warn!(code = ?status.code(), error = %self, "call failed: upstream degraded");
+        } else {
+            info!(code = ?status.code(), error = %self, "call refused");
+        }
+        status
     }
 
     /// The status for this failure, with ErrorInfo (and RetryInfo or BadRequest) details.

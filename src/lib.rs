@@ -4,20 +4,24 @@
 //! in the order a request meets them:
 //!
 //! - [`service`]: the gRPC surface (`ExecutionStatusService`): reads the call's credential
-//!   and execution id, asks [`snapshots`], and turns failures into statuses through
-//!   [`grpc_error`], the one table from failure to gRPC code.
+//!   and execution id, asks the [`registry`], and turns failures into statuses through
+//!   [`grpc_error`], the one table from failure to gRPC code. [`watch`] runs one
+//!   `WatchExecution` stream.
 //! - [`credential`] and [`execution_id`]: the two inputs of every call, validated before
 //!   anything reaches the upstream; the key never appears in a log or an error.
-//! - [`snapshots`]: the one component that returns an execution's snapshot for a
-//!   (credential, execution id); it remembers ended executions, which never change.
+//! - [`registry`]: one shared poller per (credential, execution id), publishing snapshots to
+//!   every reader and watcher of it; ended executions, which never change, are remembered.
+//! - [`webhook`]: the operations HTTP listener, where Synthome's webhooks make pollers
+//!   fetch at once.
 //! - [`upstream`]: the HTTP client for `GET {base}/{executionId}/status`, and the tolerant
 //!   model of its JSON.
 //! - [`execution`] and [`progress`]: the upstream JSON turned into the `Execution` message,
 //!   with `PipelineProgress` derived from the jobs because the service does not send it.
-//! - [`server`]: builds and runs the gRPC server.
+//! - [`server`]: builds and runs the gRPC server; [`admin`], the operations HTTP listener.
 //! - [`simulator`]: a faithful stand-in for Synthome's API, for demos, tests and benchmarks.
 //! - [`cli`]: the `synthome-gateway` command line.
 
+pub mod admin;
 pub mod cli;
 pub mod credential;
 pub mod execution;
@@ -25,11 +29,13 @@ pub mod execution_id;
 pub mod grpc_error;
 pub mod json;
 pub mod progress;
+pub mod registry;
 pub mod server;
 pub mod service;
 pub mod simulator;
-pub mod snapshots;
 pub mod upstream;
+pub mod watch;
+pub mod webhook;
 
 /// Code generated from `proto/synthome/status/v1/execution_status.proto`.
 #[allow(missing_docs, unreachable_pub, clippy::all)]

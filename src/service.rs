@@ -1,28 +1,35 @@
 //! The gRPC surface: `synthome.status.v1.ExecutionStatusService`.
 //!
 //! Each call goes through the same steps: pick the credential (the call's own bearer key,
-//! else the gateway's), validate the execution id, then ask [`Snapshots`]. Both inputs are
-//! checked before anything is sent upstream. A failure is logged here, once, and turned
-//! into a status by [`CallError::to_status`].
+//! else the gateway's), validate the execution id, then ask the [`Registry`]. Both inputs
+//! are checked before anything is sent upstream. A failure is logged once, where it is
+//! handled, and turned into a status by [`CallError::report`].
 //!
-//! Deadlines: tonic itself ends a call whose `grpc-timeout` has passed, but reports it as
-//! CANCELLED. The handler therefore stops waiting on the upstream a little before the
-//! caller's deadline, so the caller gets DEADLINE_EXCEEDED with details.
+//! Deadlines: tonic itself ends a unary call whose `grpc-timeout` has passed, but reports
+//! it as CANCELLED. The handler therefore stops waiting a little before the caller's
+//! deadline, so the caller gets DEADLINE_EXCEEDED with details. For a watch, tonic's timer
+//! only covers the response headers; the stream task ends the stream at the deadline.
 
-use std::{sync::Arc, time::Duration};
+use std::time::Duration;
 
+use tokio::{
+    sync::{mpsc, watch},
+    time::Instant,
+};
+use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, metadata::MetadataMap};
-use tracing::{Span, field, info, instrument, warn};
+use tracing::{Instrument, Span, field, info_span, instrument};
 
 use crate::{
     credential::Credential,
     execution_id::ExecutionId,
     grpc_error::CallError,
     proto::{
-        GetExecutionStatusRequest, GetExecutionStatusResponse,
+        GetExecutionStatusRequest, GetExecutionStatusResponse, WatchExecutionRequest,
         execution_status_service_server::ExecutionStatusService,
     },
-    snapshots::Snapshots,
+    registry::Registry,
+    watch::{StreamItem, WatchStream},
 };
 
 /// How much of a caller's deadline is kept back to answer DEADLINE_EXCEEDED in time.
@@ -31,29 +38,45 @@ const DEADLINE_MARGIN: Duration = Duration::from_millis(20);
 /// The implementation of `ExecutionStatusService`.
 #[derive(Debug, Clone)]
 pub struct ExecutionStatusApi {
-    snapshots: Arc<Snapshots>,
+    registry: Registry,
     /// The gateway's own key, used for calls that bring none.
     fallback_credential: Option<Credential>,
+    heartbeat_interval: Duration,
+    /// Turns true when the gateway drains; open watches then end with UNAVAILABLE.
+    draining: watch::Receiver<bool>,
 }
 
 impl ExecutionStatusApi {
-    pub fn new(snapshots: Arc<Snapshots>, fallback_credential: Option<Credential>) -> Self {
+    pub fn new(
+        registry: Registry,
+        fallback_credential: Option<Credential>,
+        heartbeat_interval: Duration,
+        draining: watch::Receiver<bool>,
+    ) -> Self {
         Self {
-            snapshots,
+            registry,
             fallback_credential,
+            heartbeat_interval,
+            draining,
         }
     }
 
-    /// The credential and validated id of a call.
+    /// The credential and validated id of a call, recorded on the call's span.
     fn inputs(
         &self,
         metadata: &MetadataMap,
         raw_id: &str,
-    ) -> Result<(Credential, ExecutionId), CallError> {
-        let credential = Credential::for_call(metadata, self.fallback_credential.as_ref())?;
-        let execution_id = ExecutionId::parse(raw_id)?;
-        Span::current().record("execution_id", field::display(&execution_id));
-        Ok((credential, execution_id))
+    ) -> Result<(Credential, ExecutionId), Status> {
+        let inputs = Credential::for_call(metadata, self.fallback_credential.as_ref())
+            .map_err(CallError::from)
+            .and_then(|credential| Ok((credential, ExecutionId::parse(raw_id)?)));
+        match inputs {
+            Ok((credential, execution_id)) => {
+                Span::current().record("execution_id", field::display(&execution_id));
+                Ok((credential, execution_id))
+            }
+            Err(err) => Err(err.report(None)),
+        }
     }
 }
 
@@ -65,36 +88,53 @@ impl ExecutionStatusService for ExecutionStatusApi {
         request: Request<GetExecutionStatusRequest>,
     ) -> Result<Response<GetExecutionStatusResponse>, Status> {
         let budget = grpc_timeout(request.metadata()).map(|t| t.saturating_sub(DEADLINE_MARGIN));
-        let (credential, execution_id) = self
-            .inputs(request.metadata(), &request.get_ref().execution_id)
-            .map_err(|err| reject(&err, None))?;
+        let (credential, execution_id) =
+            self.inputs(request.metadata(), &request.get_ref().execution_id)?;
 
-        let fetch = self.snapshots.get(&credential, &execution_id);
+        let read = self.registry.get(&credential, &execution_id);
         let outcome = match budget {
-            Some(budget) => match tokio::time::timeout(budget, fetch).await {
+            Some(budget) => match tokio::time::timeout(budget, read).await {
                 Ok(result) => result.map_err(CallError::from),
                 Err(_elapsed) => Err(CallError::DeadlineExceeded),
             },
-            None => fetch.await.map_err(CallError::from),
+            None => read.await.map_err(CallError::from),
         };
         match outcome {
             Ok(execution) => Ok(Response::new(GetExecutionStatusResponse {
                 execution: Some(execution.as_ref().clone()),
             })),
-            Err(err) => Err(reject(&err, Some(&execution_id))),
+            Err(err) => Err(err.report(Some(&execution_id))),
         }
     }
-}
 
-/// Logs a failed call once, at a level that matches whose fault it is, and builds its status.
-fn reject(err: &CallError, execution_id: Option<&ExecutionId>) -> Status {
-    let status = err.to_status(execution_id);
-    if err.is_upstream_fault() {
-        warn!(code = ?status.code(), error = %err, "call failed: upstream degraded");
-    } else {
-        info!(code = ?status.code(), error = %err, "call refused");
+    type WatchExecutionStream = ReceiverStream<StreamItem>;
+
+    #[instrument(name = "WatchExecution", skip_all, fields(execution_id = field::Empty))]
+    async fn watch_execution(
+        &self,
+        request: Request<WatchExecutionRequest>,
+    ) -> Result<Response<Self::WatchExecutionStream>, Status> {
+        let deadline = grpc_timeout(request.metadata()).map(|t| Instant::now() + t);
+        let (credential, execution_id) =
+            self.inputs(request.metadata(), &request.get_ref().execution_id)?;
+        if *self.draining.borrow() {
+            return Err(CallError::ShuttingDown.report(Some(&execution_id)));
+        }
+
+        let (responses, stream) = mpsc::channel(1);
+        let task = WatchStream {
+            watcher: self.registry.watch(&credential, &execution_id),
+            execution_id: execution_id.clone(),
+            responses,
+            last_sent: request.get_ref().last_revision,
+            heartbeat_interval: self.heartbeat_interval,
+            deadline,
+            draining: self.draining.clone(),
+        };
+        let span = info_span!("watch_stream", %execution_id);
+        tokio::spawn(task.run().instrument(span));
+        Ok(Response::new(ReceiverStream::new(stream)))
     }
-    status
 }
 
 /// The caller's timeout from the `grpc-timeout` header: up to eight digits and a unit

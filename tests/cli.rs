@@ -14,6 +14,7 @@ const BINARY: &str = env!("CARGO_BIN_EXE_synthome-gateway");
 async fn serve_simulated() -> (Child, String, Vec<String>) {
     let mut child = Command::new(BINARY)
         .args(["serve", "--simulate", "--listen", "127.0.0.1:0"])
+        .args(["--admin-listen", "127.0.0.1:0"])
         .env("RUST_LOG", "info")
         .env_remove("SYNTHOME_API_KEY")
         .stderr(Stdio::piped())

@@ -276,8 +276,8 @@ async fn unknown_executions_are_not_found() {
 
 #[tokio::test]
 async fn upstream_faults_map_to_retryable_codes() {
+    // Each case reads its own execution, so each meets a poller of its own.
     let harness = Harness::start(1000.0).await;
-    let id = harness.create(ALICE, json!([job("job1", "generate", json!({}), &[])]));
     let cases = [
         (
             Faults {
@@ -309,6 +309,7 @@ async fn upstream_faults_map_to_retryable_codes() {
         ),
     ];
     for (faults, code, expected_reason, retry_delay) in cases {
+        let id = harness.create(ALICE, json!([job("job1", "generate", json!({}), &[])]));
         harness.simulator.simulator.set_faults(faults);
         let status = harness.get(Some(ALICE), &id).await.unwrap_err();
         assert_eq!(status.code(), code, "{expected_reason}");
@@ -318,6 +319,7 @@ async fn upstream_faults_map_to_retryable_codes() {
     }
 
     harness.simulator.simulator.set_faults(Faults::default());
+    let id = harness.create(ALICE, json!([job("job1", "generate", json!({}), &[])]));
     assert!(
         harness.get(Some(ALICE), &id).await.is_ok(),
         "recovers once faults stop"

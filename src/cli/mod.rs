@@ -13,14 +13,17 @@ use std::{
 
 use clap::{Args, Parser, Subcommand};
 use reqwest::Url;
-use tokio::net::TcpListener;
+use tokio::{net::TcpListener, sync::watch};
 use tracing::{info, warn};
 
 use crate::{
+    admin,
     credential::Credential,
+    registry::PollSettings,
     server::{Gateway, GatewaySettings},
     simulator::{Simulator, SimulatorArgs, SimulatorConfig},
     upstream::{UpstreamClient, UpstreamConfig},
+    webhook::WebhookSecret,
 };
 
 /// Synthome's API base, as the SDK's default `apiUrl`.
@@ -40,7 +43,7 @@ pub struct Cli {
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Run the gateway.
-    Serve(ServeArgs),
+    Serve(Box<ServeArgs>),
     /// Run a stand-in for Synthome's execution API, for demos, tests and benchmarks.
     Simulate(SimulatorArgs),
     /// Ask a running gateway for the status of one execution.
@@ -62,17 +65,94 @@ pub struct ServeArgs {
     #[arg(long, env = "SYNTHOME_GATEWAY_SIMULATE")]
     pub simulate: bool,
 
-    /// How many ended (completed or failed) executions to remember per gateway; repeats of
-    /// those are answered without asking Synthome.
+    /// Address of the operations HTTP listener (Synthome webhooks at POST /webhooks/synthome).
+    #[arg(
+        long,
+        env = "SYNTHOME_GATEWAY_ADMIN_LISTEN",
+        default_value = "127.0.0.1:9090"
+    )]
+    pub admin_listen: SocketAddr,
+
+    /// Secret that Synthome signs webhooks with (HMAC-SHA256). When set, webhooks without a
+    /// valid signature are refused; when not set, any webhook is taken as a hint to refresh.
+    #[arg(long, env = "SYNTHOME_WEBHOOK_SECRET", hide_env_values = true)]
+    pub webhook_secret: Option<String>,
+
+    /// With no change for this long, a watch stream repeats its snapshot as a heartbeat so
+    /// proxies with idle timeouts keep it open.
+    #[arg(long, env = "SYNTHOME_GATEWAY_HEARTBEAT_INTERVAL", default_value = "15s", value_parser = parse_duration)]
+    pub heartbeat_interval: Duration,
+
+    /// HTTP/2 streams (calls and watches) one client connection may have open at once.
+    #[arg(
+        long,
+        env = "SYNTHOME_GATEWAY_MAX_STREAMS_PER_CONNECTION",
+        default_value = "20000"
+    )]
+    pub max_streams_per_connection: u32,
+
+    #[command(flatten)]
+    pub poll: PollArgs,
+
+    #[command(flatten)]
+    pub upstream: UpstreamArgs,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct PollArgs {
+    /// Delay between two status requests for an execution that is changing (the SDK's own
+    /// pace is 1s). All callers of one execution with one key share these requests.
+    #[arg(long, env = "SYNTHOME_GATEWAY_POLL_INTERVAL", default_value = "1s", value_parser = parse_duration)]
+    pub poll_interval: Duration,
+
+    /// Longest delay between two requests, reached by backing off while an execution does
+    /// not change or Synthome fails.
+    #[arg(long, env = "SYNTHOME_GATEWAY_POLL_MAX_INTERVAL", default_value = "10s", value_parser = parse_duration)]
+    pub poll_max_interval: Duration,
+
+    /// How long a poller goes on after its last watcher left, so a quick reconnect finds it.
+    #[arg(long, env = "SYNTHOME_GATEWAY_POLLER_LINGER", default_value = "2s", value_parser = parse_duration)]
+    pub poller_linger: Duration,
+
+    /// How long Synthome may keep failing before open watches end with UNAVAILABLE.
+    #[arg(long, env = "SYNTHOME_GATEWAY_UPSTREAM_OUTAGE_TIMEOUT", default_value = "60s", value_parser = parse_duration)]
+    pub upstream_outage_timeout: Duration,
+
+    /// Shortest gap between two requests for one execution when webhooks or reads ask for a
+    /// fresh status.
+    #[arg(long, env = "SYNTHOME_GATEWAY_MIN_REFRESH_INTERVAL", default_value = "250ms", value_parser = parse_duration)]
+    pub min_refresh_interval: Duration,
+
+    /// Status requests to Synthome in flight at once, across all executions.
+    #[arg(
+        long,
+        env = "SYNTHOME_GATEWAY_MAX_UPSTREAM_IN_FLIGHT",
+        default_value = "64"
+    )]
+    pub max_upstream_in_flight: usize,
+
+    /// How many ended (completed or failed) executions to remember; repeats of those are
+    /// answered without asking Synthome.
     #[arg(
         long,
         env = "SYNTHOME_GATEWAY_ENDED_CACHE_SIZE",
         default_value = "10000"
     )]
     pub ended_cache_size: NonZeroUsize,
+}
 
-    #[command(flatten)]
-    pub upstream: UpstreamArgs,
+impl PollArgs {
+    pub fn settings(&self) -> PollSettings {
+        PollSettings {
+            interval: self.poll_interval,
+            max_interval: self.poll_max_interval.max(self.poll_interval),
+            linger: self.poller_linger,
+            outage_timeout: self.upstream_outage_timeout,
+            min_refresh_gap: self.min_refresh_interval,
+            max_in_flight: self.max_upstream_in_flight,
+            ended_cache_size: self.ended_cache_size,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Args)]
@@ -117,7 +197,7 @@ impl UpstreamArgs {
 /// Runs a parsed command line to its end.
 pub async fn run(cli: Cli) -> Result<ExitCode, Box<dyn Error>> {
     match cli.command {
-        Command::Serve(args) => serve(args).await.map(|()| ExitCode::SUCCESS),
+        Command::Serve(args) => serve(*args).await.map(|()| ExitCode::SUCCESS),
         Command::Simulate(args) => simulate(args).await.map(|()| ExitCode::SUCCESS),
         Command::Status(args) => status::run(args).await,
     }
@@ -148,12 +228,35 @@ async fn serve(args: ServeArgs) -> Result<(), Box<dyn Error>> {
     let upstream = UpstreamClient::new(&args.upstream.config(base_url))?;
     let settings = GatewaySettings {
         fallback_credential,
-        ended_cache_size: args.ended_cache_size,
+        poll: args.poll.settings(),
+        heartbeat_interval: args.heartbeat_interval,
+        max_concurrent_streams_per_connection: args.max_streams_per_connection,
     };
-    let listener = TcpListener::bind(args.listen).await?;
-    Gateway::new(Arc::new(upstream), settings)
-        .serve(listener, shutdown_signal())
-        .await?;
+    let gateway = Gateway::new(Arc::new(upstream), settings);
+    let webhook_secret = args.webhook_secret.as_deref().and_then(WebhookSecret::new);
+    let operations = admin::router(gateway.registry().clone(), webhook_secret);
+    let grpc_listener = TcpListener::bind(args.listen).await?;
+    let admin_listener = TcpListener::bind(args.admin_listen).await?;
+
+    // One signal stops both listeners.
+    let (stop, stopped) = watch::channel(false);
+    tokio::spawn(async move {
+        shutdown_signal().await;
+        stop.send_replace(true);
+    });
+    let until_stopped = |mut stopped: watch::Receiver<bool>| async move {
+        let _ = stopped.wait_for(|stop| *stop).await;
+    };
+    tokio::try_join!(
+        async {
+            let grpc = gateway.serve(grpc_listener, until_stopped(stopped.clone()));
+            grpc.await.map_err(Box::<dyn Error>::from)
+        },
+        async {
+            let http = admin::serve(admin_listener, operations, until_stopped(stopped.clone()));
+            http.await.map_err(Box::<dyn Error>::from)
+        },
+    )?;
     info!("gateway stopped");
     Ok(())
 }

@@ -20,6 +20,7 @@ use synthome_gateway::{
         Execution, ExecutionState, GetExecutionStatusRequest,
         execution_status_service_client::ExecutionStatusServiceClient,
     },
+    registry::PollSettings,
     server::{Gateway, GatewaySettings, RunningGateway},
     simulator::{RunningSimulator, SimulatorConfig},
     upstream::{UpstreamClient, UpstreamConfig},
@@ -39,11 +40,24 @@ pub fn upstream_config(base_url: &str) -> UpstreamConfig {
     }
 }
 
+/// Poll settings scaled down so that tests see changes within milliseconds.
+pub fn fast_polling() -> PollSettings {
+    PollSettings {
+        interval: Duration::from_millis(50),
+        max_interval: Duration::from_millis(200),
+        linger: Duration::from_millis(100),
+        outage_timeout: Duration::from_secs(5),
+        min_refresh_gap: Duration::from_millis(20),
+        ..PollSettings::default()
+    }
+}
+
 /// Starts a gateway in front of `base_url`.
 pub async fn gateway(config: UpstreamConfig, fallback_key: Option<&str>) -> RunningGateway {
     let upstream = UpstreamClient::new(&config).expect("upstream client");
     let settings = GatewaySettings {
         fallback_credential: fallback_key.and_then(Credential::new),
+        poll: fast_polling(),
         ..GatewaySettings::default()
     };
     Gateway::new(Arc::new(upstream), settings)
