@@ -508,12 +508,18 @@ impl Poller {
     }
 
     fn on_transient_failure(&mut self, err: UpstreamError, now: Instant) -> Next {
+        let first_failure = self.failing_since.is_none();
         let since = *self.failing_since.get_or_insert(now);
         let lasted = now.duration_since(since);
         if lasted >= self.inner.settings.outage_timeout {
             return Next::Stop(PollEnd::Outage { lasted, last: err });
         }
-        warn!(execution_id = %self.key.execution_id, error = %err, failing_for = ?lasted, "upstream poll failed");
+        // One warning per streak of failures; the retries of the streak go to debug.
+        if first_failure {
+            warn!(execution_id = %self.key.execution_id, error = %err, "upstream poll failed; retrying with backoff");
+        } else {
+            debug!(error = %err, failing_for = ?lasted, "upstream poll failed again");
+        }
 
         self.delay = (self.delay * 2).min(self.inner.settings.max_interval);
         if let UpstreamError::RateLimited {
