@@ -4,6 +4,7 @@
 //! flags hide their environment value from `--help` so a key never lands in a terminal
 //! scroll-back or a CI log.
 
+mod client;
 mod output;
 mod status;
 
