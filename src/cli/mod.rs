@@ -1,4 +1,4 @@
-//! The `synthome-gateway` command line: `serve`, `simulate` and `status`.
+//! The `synthome-gateway` command line: `serve`, `simulate`, `status` and `watch`.
 //!
 //! Every flag can also be set from the environment variable named in `--help`; the API key
 //! flags hide their environment value from `--help` so a key never lands in a terminal
@@ -7,6 +7,7 @@
 mod client;
 mod output;
 mod status;
+mod watch;
 
 use std::{
     error::Error, net::SocketAddr, num::NonZeroUsize, process::ExitCode, sync::Arc, time::Duration,
@@ -14,7 +15,7 @@ use std::{
 
 use clap::{Args, Parser, Subcommand};
 use reqwest::Url;
-use tokio::{net::TcpListener, sync::watch};
+use tokio::net::TcpListener;
 use tracing::{info, warn};
 
 use crate::{
@@ -49,6 +50,12 @@ pub enum Command {
     Simulate(SimulatorArgs),
     /// Ask a running gateway for the status of one execution.
     Status(status::StatusArgs),
+    /// Follow one execution through a running gateway until it completes or fails.
+    ///
+    /// On a terminal it shows live progress bars (the execution and each of its jobs);
+    /// otherwise it prints one line per change, or one JSON line per message with --json.
+    #[command(after_help = watch::EXIT_CODES_HELP)]
+    Watch(watch::WatchArgs),
 }
 
 #[derive(Debug, Clone, Args)]
@@ -201,6 +208,7 @@ pub async fn run(cli: Cli) -> Result<ExitCode, Box<dyn Error>> {
         Command::Serve(args) => serve(*args).await.map(|()| ExitCode::SUCCESS),
         Command::Simulate(args) => simulate(args).await.map(|()| ExitCode::SUCCESS),
         Command::Status(args) => status::run(args).await,
+        Command::Watch(args) => watch::run(args).await,
     }
 }
 
@@ -240,12 +248,12 @@ async fn serve(args: ServeArgs) -> Result<(), Box<dyn Error>> {
     let admin_listener = TcpListener::bind(args.admin_listen).await?;
 
     // One signal stops both listeners.
-    let (stop, stopped) = watch::channel(false);
+    let (stop, stopped) = tokio::sync::watch::channel(false);
     tokio::spawn(async move {
         shutdown_signal().await;
         stop.send_replace(true);
     });
-    let until_stopped = |mut stopped: watch::Receiver<bool>| async move {
+    let until_stopped = |mut stopped: tokio::sync::watch::Receiver<bool>| async move {
         let _ = stopped.wait_for(|stop| *stop).await;
     };
     tokio::try_join!(
