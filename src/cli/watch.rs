@@ -61,7 +61,8 @@ pub struct WatchArgs {
 }
 
 /// How a watch stream ended.
-enum Ending {
+#[derive(Debug)]
+pub(super) enum Ending {
     /// The stream delivered a completed or failed execution.
     Final(Execution),
     /// The gateway refused the call or ended the stream with an error.
@@ -87,23 +88,27 @@ pub(super) async fn run(args: WatchArgs) -> Result<ExitCode, Box<dyn Error>> {
     })?;
 
     let mut display = Display::new(args.json);
-    let ending = follow(&mut client, request, &mut display).await;
+    let ending = follow(&mut client, request, |execution, heartbeat| {
+        display.show(execution, heartbeat);
+    })
+    .await;
     display.finish();
 
     Ok(report(&ending, args.json))
 }
 
-/// Reads the stream to its end, showing every message.
-async fn follow(
+/// Reads the stream to its end, handing every execution it carries (and whether the
+/// message was a heartbeat) to `on_message`.
+pub(super) async fn follow(
     client: &mut ExecutionStatusServiceClient<Channel>,
     request: tonic::Request<WatchExecutionRequest>,
-    display: &mut Display,
+    on_message: impl FnMut(&Execution, bool),
 ) -> Ending {
     let stream = match client.watch_execution(request).await {
         Ok(response) => response.into_inner(),
         Err(status) => return Ending::Refused { status, last: None },
     };
-    let last = match read_all(stream, display).await {
+    let last = match read_all(stream, on_message).await {
         Ok(last) => last,
         Err((status, last)) => return Ending::Refused { status, last },
     };
@@ -116,7 +121,7 @@ async fn follow(
 /// The last execution the stream carried, or the status it ended with and that execution.
 async fn read_all(
     mut stream: Streaming<WatchExecutionResponse>,
-    display: &mut Display,
+    mut on_message: impl FnMut(&Execution, bool),
 ) -> Result<Option<Execution>, (Status, Option<Execution>)> {
     let mut last = None;
     loop {
@@ -125,7 +130,7 @@ async fn read_all(
                 // A message without an execution has nothing to show; the contract always
                 // sets it.
                 if let Some(execution) = response.execution {
-                    display.show(&execution, response.heartbeat);
+                    on_message(&execution, response.heartbeat);
                     last = Some(execution);
                 }
             }
