@@ -278,7 +278,12 @@ async fn watch_all(
             watchers.spawn(watch_one(client.clone(), request, index, display));
         }
     }
-    Ok(watchers.join_all().await)
+    let records = watchers.join_all().await;
+    if !lines.is_hidden() {
+        // indicatif leaves the cursor at the end of its last line.
+        eprintln!();
+    }
+    Ok(records)
 }
 
 async fn watch_one(
@@ -345,7 +350,8 @@ impl ExecutionLine {
             Ending::Refused { status, .. } => format!("  stream ended: {:?}", status.code()),
             Ending::Unfinished(_) => "  stream ended before a final state".to_owned(),
         };
-        bar.finish_with_message(format!("{}{outcome}", bar.message()));
+        // Not `finish`, which would fill the bar of a failed execution to 100%.
+        bar.abandon_with_message(format!("{}{outcome}", bar.message()));
     }
 }
 

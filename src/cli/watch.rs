@@ -308,10 +308,14 @@ impl ExecutionBars {
         }
     }
 
+    /// Leaves the bars on screen as they are: `abandon`, because `finish` would also fill
+    /// the bar to 100% for a failed execution.
     fn finish(&self) {
-        self.overall.finish();
+        self.overall.abandon();
         for line in &self.jobs {
-            line.finish();
+            line.abandon();
         }
+        // indicatif leaves the cursor at the end of its last line.
+        eprintln!();
     }
 }
