@@ -9,7 +9,8 @@ async fn main() -> ExitCode {
     let cli = Cli::parse();
     tracing_subscriber::fmt()
         .with_env_filter(
-            EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")),
+            EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| EnvFilter::new(cli.command.default_log_level())),
         )
         .with_writer(std::io::stderr)
         .with_ansi(std::io::stderr().is_terminal())

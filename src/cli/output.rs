@@ -81,37 +81,17 @@ fn media_json(result: &MediaResult) -> Value {
 /// A few lines for a person: state, progress, one line per job, then result or error.
 pub(super) fn summary(execution: &Execution) -> String {
     let mut text = String::new();
-    let state = match execution.state() {
-        ExecutionState::Unspecified => {
-            format!(
-                "{:?} (a status this gateway does not know)",
-                execution.upstream_status
-            )
-        }
-        _ => execution.upstream_status.clone(),
-    };
-    let _ = writeln!(text, "execution {}  {state}", execution.id);
-    if let Some(progress) = &execution.progress {
-        let _ = write!(
-            text,
-            "progress  {:.0}%  ({}/{} jobs done)",
-            progress.progress, progress.completed_jobs, progress.total_jobs
-        );
-        if !progress.current_job.is_empty() {
-            let _ = write!(text, ", current job {}", progress.current_job);
-        }
-        text.push('\n');
+    let _ = writeln!(
+        text,
+        "execution {}  {}",
+        execution.id,
+        state_text(execution)
+    );
+    if execution.progress.is_some() {
+        let _ = writeln!(text, "progress  {}", progress_text(execution));
     }
     for job in &execution.jobs {
-        let _ = write!(
-            text,
-            "  {:<12} {:<20} {:<11}",
-            job.id, job.operation, job.status
-        );
-        if !job.error.is_empty() {
-            let _ = write!(text, " {}", job.error);
-        }
-        text.push('\n');
+        let _ = writeln!(text, "  {}", job_line(job));
     }
     if let Some(result) = &execution.result {
         let _ = writeln!(text, "result    {} {}", result.url, media_details(result));
@@ -127,6 +107,50 @@ pub(super) fn summary(execution: &Execution) -> String {
         text.push('\n');
     }
     text
+}
+
+/// The state as Synthome wrote it, flagged when this gateway does not know it.
+pub(super) fn state_text(execution: &Execution) -> String {
+    match execution.state() {
+        ExecutionState::Unspecified => {
+            format!(
+                "{:?} (a status this gateway does not know)",
+                execution.upstream_status
+            )
+        }
+        _ => execution.upstream_status.clone(),
+    }
+}
+
+/// `50%  (1/2 jobs done), current job outro`; empty when the execution has no progress.
+pub(super) fn progress_text(execution: &Execution) -> String {
+    let Some(progress) = &execution.progress else {
+        return String::new();
+    };
+    let mut text = format!(
+        "{:.0}%  ({}/{} jobs done)",
+        progress.progress, progress.completed_jobs, progress.total_jobs
+    );
+    if !progress.current_job.is_empty() {
+        let _ = write!(text, ", current job {}", progress.current_job);
+    }
+    text
+}
+
+/// The overall progress as a whole percent from 0 to 100, for a progress bar.
+pub(super) fn percent(execution: &Execution) -> u64 {
+    let progress = execution.progress.as_ref().map_or(0.0, |p| p.progress);
+    // `as` saturates and maps NaN (not excluded by the contract) to 0.
+    progress.clamp(0.0, 100.0).round() as u64
+}
+
+/// One job in aligned columns: id, operation, status, then its error when it has one.
+pub(super) fn job_line(job: &Job) -> String {
+    let mut text = format!("{:<12} {:<20} {:<11}", job.id, job.operation, job.status);
+    if !job.error.is_empty() {
+        let _ = write!(text, " {}", job.error);
+    }
+    text.trim_end().to_owned()
 }
 
 fn media_details(result: &MediaResult) -> String {

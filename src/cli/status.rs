@@ -4,30 +4,19 @@
 use std::{error::Error, process::ExitCode, time::Duration};
 
 use clap::Args;
-use tonic::{Request, Status, metadata::MetadataValue};
+use tonic::Status;
 use tonic_types::StatusExt;
 
-use super::{output, parse_duration};
-use crate::proto::{
-    GetExecutionStatusRequest, execution_status_service_client::ExecutionStatusServiceClient,
-};
+use super::{client::GatewayArgs, output, parse_duration};
+use crate::proto::GetExecutionStatusRequest;
 
 #[derive(Debug, Clone, Args)]
 pub struct StatusArgs {
     /// The execution to look up.
     pub execution_id: String,
 
-    /// The gateway to ask.
-    #[arg(
-        long,
-        env = "SYNTHOME_GATEWAY_ADDR",
-        default_value = "http://127.0.0.1:50051"
-    )]
-    pub addr: String,
-
-    /// API key to send as `authorization: Bearer` metadata; without it the gateway uses its own.
-    #[arg(long, env = "SYNTHOME_API_KEY", hide_env_values = true)]
-    pub api_key: Option<String>,
+    #[command(flatten)]
+    pub gateway: GatewayArgs,
 
     /// Deadline for the call (e.g. 500ms, 10s).
     #[arg(long, default_value = "10s", value_parser = parse_duration)]
@@ -39,16 +28,11 @@ pub struct StatusArgs {
 }
 
 pub(super) async fn run(args: StatusArgs) -> Result<ExitCode, Box<dyn Error>> {
-    let mut client = ExecutionStatusServiceClient::connect(args.addr.clone()).await?;
-    let mut request = Request::new(GetExecutionStatusRequest {
+    let mut client = args.gateway.connect().await?;
+    let mut request = args.gateway.request(GetExecutionStatusRequest {
         execution_id: args.execution_id.clone(),
-    });
+    })?;
     request.set_timeout(args.timeout);
-    if let Some(key) = &args.api_key {
-        let value = MetadataValue::try_from(format!("Bearer {key}"))
-            .map_err(|_| "the API key contains characters that cannot be sent as metadata")?;
-        request.metadata_mut().insert("authorization", value);
-    }
 
     match client.get_execution_status(request).await {
         Ok(response) => {

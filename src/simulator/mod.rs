@@ -155,7 +155,8 @@ fn parse_rate(raw: &str) -> Result<f64, String> {
     }
 }
 
-fn parse_time_scale(raw: &str) -> Result<f64, String> {
+/// Parses a `--time-scale` flag: a finite, non-negative factor on job durations.
+pub(crate) fn parse_time_scale(raw: &str) -> Result<f64, String> {
     let scale: f64 = raw.parse().map_err(|err| format!("{err}"))?;
     if scale.is_finite() && scale >= 0.0 {
         Ok(scale)

@@ -1,6 +1,8 @@
 //! Shared harness: a simulator and a gateway on ephemeral ports, and a client for them.
 #![allow(dead_code, unreachable_pub)]
 
+pub mod binary;
+
 use std::{
     net::SocketAddr,
     sync::{Arc, Mutex},
