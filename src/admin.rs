@@ -1,22 +1,38 @@
-//! The operations HTTP listener (`--admin-listen`): Synthome's webhooks today.
+//! The operations HTTP listener (`--admin-listen`): Synthome's webhooks and plain HTTP
+//! probes. `/healthz` answers 200 while the process runs (liveness); `/readyz` answers 200
+//! while the gateway should get traffic and 503 while it should not (Synthome unreachable
+//! past the threshold, or draining), the same state gRPC health reports.
 //!
 //! It is a separate listener from gRPC so that it can be bound to an internal address and
 //! kept out of the client-facing load balancer.
 
 use std::future::Future;
 
-use axum::Router;
+use axum::{Router, extract::State, http::StatusCode, routing::get};
 use tokio::net::TcpListener;
 use tracing::info;
 
 use crate::{
+    health::Health,
     registry::Registry,
     webhook::{self, WebhookSecret},
 };
 
 /// Every route of the operations listener.
-pub fn router(registry: Registry, webhook_secret: Option<WebhookSecret>) -> Router {
-    webhook::router(registry, webhook_secret)
+pub fn router(registry: Registry, health: Health, webhook_secret: Option<WebhookSecret>) -> Router {
+    let probes = Router::new()
+        .route("/healthz", get(|| async { "ok\n" }))
+        .route("/readyz", get(ready))
+        .with_state(health);
+    webhook::router(registry, webhook_secret).merge(probes)
+}
+
+async fn ready(State(health): State<Health>) -> (StatusCode, &'static str) {
+    if health.is_serving() {
+        (StatusCode::OK, "serving\n")
+    } else {
+        (StatusCode::SERVICE_UNAVAILABLE, "not serving\n")
+    }
 }
 
 /// Serves `router` on `listener` until `shutdown` resolves.

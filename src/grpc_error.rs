@@ -46,6 +46,8 @@ pub enum CallError {
     Interrupted,
     #[error("the gateway is shutting down; reconnect, passing the last revision received")]
     ShuttingDown,
+    #[error("this gateway already serves its limit of {limit} watch streams")]
+    TooManyWatches { limit: usize },
     #[error("the call's deadline passed before Synthome answered")]
     DeadlineExceeded,
 }
@@ -109,6 +111,9 @@ impl CallError {
             Self::Interrupted => {
                 Mapping::new(Code::Unavailable, "WATCH_INTERRUPTED").retry(DEFAULT_RETRY_DELAY)
             }
+            Self::TooManyWatches { .. } => {
+                Mapping::new(Code::ResourceExhausted, "TOO_MANY_WATCHES").retry(DEFAULT_RETRY_DELAY)
+            }
             Self::ShuttingDown => {
                 Mapping::new(Code::Unavailable, "GATEWAY_SHUTTING_DOWN").retry(Duration::ZERO)
             }
@@ -155,7 +160,7 @@ impl CallError {
     /// Whether the failure lies with Synthome or the way to it, rather than with the call:
     /// these are logged as warnings, the others as the caller's business.
     pub fn is_upstream_fault(&self) -> bool {
-        !matches!(self, Self::ShuttingDown)
+        !matches!(self, Self::ShuttingDown | Self::TooManyWatches { .. })
             && matches!(
                 self.code(),
                 Code::Unavailable | Code::Internal | Code::ResourceExhausted

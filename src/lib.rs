@@ -17,7 +17,9 @@
 //!   model of its JSON.
 //! - [`execution`] and [`progress`]: the upstream JSON turned into the `Execution` message,
 //!   with `PipelineProgress` derived from the jobs because the service does not send it.
-//! - [`server`]: builds and runs the gRPC server; [`admin`], the operations HTTP listener.
+//! - [`server`]: builds and runs the gRPC server (with health, reflection and gRPC-Web);
+//!   [`health`], whether the gateway should get traffic; [`admin`], the operations HTTP
+//!   listener.
 //! - [`simulator`]: a faithful stand-in for Synthome's API, for demos, tests and benchmarks.
 //! - [`cli`]: the `synthome-gateway` command line.
 
@@ -27,6 +29,7 @@ pub mod credential;
 pub mod execution;
 pub mod execution_id;
 pub mod grpc_error;
+pub mod health;
 pub mod json;
 pub mod progress;
 pub mod registry;

@@ -148,6 +148,9 @@ struct Inner {
     in_flight: Semaphore,
     next_revision: AtomicU64,
     stats: RegistryStats,
+    /// Since when upstream requests have failed without an HTTP answer or with a 5xx;
+    /// `None` while Synthome answers. Read by the health checks.
+    upstream_failing_since: Mutex<Option<Instant>>,
 }
 
 impl std::fmt::Debug for Inner {
@@ -199,6 +202,7 @@ impl Registry {
                 pollers: Mutex::new(HashMap::new()),
                 next_revision: AtomicU64::new(seed),
                 stats: RegistryStats::default(),
+                upstream_failing_since: Mutex::new(None),
             }),
         }
     }
@@ -331,6 +335,18 @@ impl Registry {
     pub fn active_pollers(&self) -> usize {
         self.inner.lock_pollers().len()
     }
+
+    /// How long Synthome has been unreachable (no answer, or only 5xx and unreadable
+    /// bodies), judged from the latest requests; `None` while it answers or when nothing
+    /// has been asked yet.
+    pub fn upstream_failing_for(&self) -> Option<Duration> {
+        let since = *self
+            .inner
+            .upstream_failing_since
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        since.map(|since| since.elapsed())
+    }
 }
 
 /// Why a unary read got no snapshot.
@@ -383,6 +399,26 @@ impl Inner {
     /// A poisoned lock only means a thread panicked mid-update of a map of whole entries.
     fn lock_ended(&self) -> MutexGuard<'_, LruCache<PollerKey, Arc<Execution>>> {
         self.ended.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Any HTTP answer but a 5xx shows that Synthome is up, whatever it says.
+    fn note_upstream_health<T>(&self, outcome: &Result<T, UpstreamError>, now: Instant) {
+        let down = matches!(
+            outcome,
+            Err(UpstreamError::Unreachable(_)
+                | UpstreamError::TimedOut(_)
+                | UpstreamError::ServerError { .. }
+                | UpstreamError::Malformed(_))
+        );
+        let mut since = self
+            .upstream_failing_since
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        *since = if down {
+            Some(since.unwrap_or(now))
+        } else {
+            None
+        };
     }
 
     fn next_revision(&self) -> u64 {
@@ -462,6 +498,7 @@ impl Poller {
         };
         let now = Instant::now();
         self.last_fetch = Some(now);
+        self.inner.note_upstream_health(&outcome, now);
 
         match outcome {
             Ok(body) => self.on_snapshot(execution::from_upstream(body), now),

@@ -1,14 +1,25 @@
 //! Builds the gRPC server and runs it until shutdown.
 //!
-//! HTTP/2 settings: watchers open many long-lived streams on few connections. hyper's
-//! default of 200 concurrent streams per connection and the 64 KiB connection window are
-//! both far too small for that (with the default window, a client opening thousands of
-//! streams on one connection is sent GOAWAY), so both are raised.
+//! On one port: `synthome.status.v1.ExecutionStatusService`, `grpc.health.v1.Health`,
+//! server reflection (`grpc.reflection.v1` and, for older tools, `v1alpha`), and gRPC-Web
+//! (HTTP/1.1 and HTTP/2) for browser dashboards, with CORS closed unless origins are
+//! configured. TLS, and mutual TLS with a client CA, are optional.
 //!
-//! Shutdown: graceful shutdown in hyper waits for every open stream, and a watch stream
-//! only ends when its execution does. So when the shutdown signal comes, open watches are
-//! told to end first (with UNAVAILABLE, so clients reconnect elsewhere), then the server
-//! stops.
+//! HTTP/2 settings: watchers open many long-lived streams on few connections, so the
+//! concurrent-stream limit per connection and the connection-level flow-control window
+//! are raised well above their defaults. Keepalive pings find dead peers behind NATs and
+//! load balancers; an optional maximum connection age makes long-lived clients reconnect,
+//! and so rebalance across replicas, now and then.
+//!
+//! Shutdown (drain): when the shutdown signal comes, health turns NOT_SERVING, new
+//! watches are refused, open watches end with UNAVAILABLE (clients reconnect elsewhere and
+//! resume from their revision), and the server stops accepting connections while unary
+//! calls in flight finish. hyper's graceful shutdown would wait forever on a stream that
+//! never ends, so the whole drain is bounded by `shutdown_grace`: what is still open then
+//! is closed.
+//!
+//! Limits: `concurrency_per_connection` counts open watch streams as well as unary calls,
+//! so set it well above the number of watches one client keeps on a connection.
 
 use std::{future::Future, io, net::SocketAddr, sync::Arc, time::Duration};
 
@@ -18,14 +29,17 @@ use tokio::{
     task::JoinHandle,
 };
 use tokio_stream::wrappers::TcpListenerStream;
-use tonic::transport::Server;
-use tracing::info;
+use tonic::transport::{Certificate, Identity, Server, ServerTlsConfig};
+use tower::ServiceBuilder;
+use tower_http::cors::{AllowOrigin, CorsLayer};
+use tracing::{info, warn};
 
 use crate::{
     credential::Credential,
-    proto::execution_status_service_server::ExecutionStatusServiceServer,
+    health::Health,
+    proto::{self, execution_status_service_server::ExecutionStatusServiceServer},
     registry::{PollSettings, Registry},
-    service::ExecutionStatusApi,
+    service::{ExecutionStatusApi, ServiceSettings},
     upstream::StatusSource,
 };
 
@@ -40,8 +54,14 @@ pub struct GatewaySettings {
     pub poll: PollSettings,
     /// Quiet time after which a watch stream repeats its snapshot as a heartbeat.
     pub heartbeat_interval: Duration,
-    /// HTTP/2 streams one client connection may have open at once.
-    pub max_concurrent_streams_per_connection: u32,
+    pub limits: Limits,
+    pub tls: Option<ServerTls>,
+    /// Browser origins allowed to call over gRPC-Web; empty means none (CORS closed).
+    pub cors_allowed_origins: Vec<String>,
+    /// How long Synthome may be unreachable before health reports NOT_SERVING.
+    pub unhealthy_after: Duration,
+    /// The longest a drain may take before remaining connections are closed.
+    pub shutdown_grace: Duration,
 }
 
 impl Default for GatewaySettings {
@@ -50,9 +70,97 @@ impl Default for GatewaySettings {
             fallback_credential: None,
             poll: PollSettings::default(),
             heartbeat_interval: Duration::from_secs(15),
-            max_concurrent_streams_per_connection: 20_000,
+            limits: Limits::default(),
+            tls: None,
+            cors_allowed_origins: Vec::new(),
+            unhealthy_after: Duration::from_secs(30),
+            shutdown_grace: Duration::from_secs(10),
         }
     }
+}
+
+/// Protection of the gateway and its clients from one another.
+#[derive(Debug, Clone)]
+pub struct Limits {
+    /// Watch streams open at once across all clients; more get RESOURCE_EXHAUSTED.
+    pub max_watch_streams: usize,
+    /// HTTP/2 streams (calls and watches) one connection may have open at once.
+    pub max_streams_per_connection: u32,
+    /// Requests served at once per connection, watches included; `None` for no limit.
+    pub concurrency_per_connection: Option<usize>,
+    /// The longest a unary call may take, whatever deadline the caller sent.
+    pub unary_timeout: Duration,
+    /// Largest request message accepted.
+    pub max_request_bytes: usize,
+    /// Largest response message sent.
+    pub max_response_bytes: usize,
+    /// Interval of HTTP/2 keepalive pings; `None` to send none.
+    pub keepalive_interval: Option<Duration>,
+    /// How long a keepalive ping may go unanswered before the connection is closed.
+    pub keepalive_timeout: Duration,
+    /// Connections older than this are asked to go away (GOAWAY); `None` for no limit.
+    pub max_connection_age: Option<Duration>,
+    /// After `max_connection_age`, how long open streams may go on before the connection
+    /// is closed.
+    pub max_connection_age_grace: Option<Duration>,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            max_watch_streams: 100_000,
+            max_streams_per_connection: 20_000,
+            concurrency_per_connection: None,
+            unary_timeout: Duration::from_secs(30),
+            max_request_bytes: 64 * 1024,
+            max_response_bytes: 16 * 1024 * 1024,
+            keepalive_interval: Some(Duration::from_secs(30)),
+            keepalive_timeout: Duration::from_secs(10),
+            max_connection_age: None,
+            max_connection_age_grace: None,
+        }
+    }
+}
+
+/// PEM-encoded server certificate chain and key, and the CA that client certificates must
+/// chain to for mutual TLS.
+#[derive(Clone)]
+pub struct ServerTls {
+    pub certificate_chain: Vec<u8>,
+    pub private_key: Vec<u8>,
+    pub client_ca: Option<Vec<u8>>,
+}
+
+impl std::fmt::Debug for ServerTls {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ServerTls")
+            .field("mutual", &self.client_ca.is_some())
+            .finish_non_exhaustive()
+    }
+}
+
+impl ServerTls {
+    fn config(&self) -> ServerTlsConfig {
+        let identity = Identity::from_pem(&self.certificate_chain, &self.private_key);
+        let config = ServerTlsConfig::new().identity(identity);
+        match &self.client_ca {
+            Some(ca) => config.client_ca_root(Certificate::from_pem(ca)),
+            None => config,
+        }
+    }
+}
+
+/// Why the server could not be built or stopped with an error.
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    #[error("TLS configuration: {0}")]
+    Tls(tonic::transport::Error),
+    #[error("reflection: {0}")]
+    Reflection(#[from] tonic_reflection::server::Error),
+    #[error("a CORS origin is not a valid header value: {0:?}")]
+    CorsOrigin(String),
+    #[error(transparent)]
+    Transport(#[from] tonic::transport::Error),
 }
 
 /// The gateway's gRPC services, ready to serve.
@@ -60,25 +168,29 @@ impl Default for GatewaySettings {
 pub struct Gateway {
     api: ExecutionStatusApi,
     registry: Registry,
+    health: Health,
     draining: watch::Sender<bool>,
-    max_concurrent_streams: u32,
+    settings: GatewaySettings,
 }
 
 impl Gateway {
     pub fn new(source: Arc<dyn StatusSource>, settings: GatewaySettings) -> Self {
-        let registry = Registry::new(source, settings.poll);
+        let registry = Registry::new(source, settings.poll.clone());
         let (draining, draining_receiver) = watch::channel(false);
-        let api = ExecutionStatusApi::new(
-            registry.clone(),
-            settings.fallback_credential,
-            settings.heartbeat_interval,
-            draining_receiver,
-        );
+        let service_settings = ServiceSettings {
+            fallback_credential: settings.fallback_credential.clone(),
+            heartbeat_interval: settings.heartbeat_interval,
+            max_watch_streams: settings.limits.max_watch_streams,
+            unary_timeout: settings.limits.unary_timeout,
+        };
+        let api = ExecutionStatusApi::new(registry.clone(), service_settings, draining_receiver);
+        let health = Health::new();
         Self {
             api,
             registry,
+            health,
             draining,
-            max_concurrent_streams: settings.max_concurrent_streams_per_connection,
+            settings,
         }
     }
 
@@ -87,27 +199,98 @@ impl Gateway {
         &self.registry
     }
 
-    /// Serves on `listener` until `shutdown` resolves.
+    /// The serving state, for `/readyz`.
+    pub fn health(&self) -> &Health {
+        &self.health
+    }
+
+    /// Serves on `listener` until `shutdown` resolves, then drains within the grace.
     pub async fn serve(
         self,
         listener: TcpListener,
         shutdown: impl Future<Output = ()> + Send,
-    ) -> Result<(), tonic::transport::Error> {
+    ) -> Result<(), ServeError> {
+        let health = self.health.clone();
+        let health_service = health.service();
+        let builder = self.server_builder()?;
+        let limits = &self.settings.limits;
+        let services = ExecutionStatusServiceServer::new(self.api)
+            .max_decoding_message_size(limits.max_request_bytes)
+            .max_encoding_message_size(limits.max_response_bytes);
+        let reflection_v1 = reflection().build_v1()?;
+        let reflection_v1alpha = reflection().build_v1alpha()?;
+        let web = ServiceBuilder::new()
+            .option_layer(cors_layer(&self.settings.cors_allowed_origins)?)
+            .layer(tonic_web::GrpcWebLayer::new())
+            .into_inner();
+
+        let router = builder
+            .layer(web)
+            .add_service(health_service)
+            .add_service(reflection_v1)
+            .add_service(reflection_v1alpha)
+            .add_service(services);
+
+        health.start().await;
+        tokio::spawn(
+            health
+                .clone()
+                .monitor_upstream(self.registry.clone(), self.settings.unhealthy_after),
+        );
         if let Ok(addr) = listener.local_addr() {
-            info!(%addr, "gRPC listening");
+            let tls = self.settings.tls.is_some();
+            info!(%addr, tls, "gRPC listening");
         }
+
+        let (drain_started, drain_began) = oneshot::channel();
         let draining = self.draining;
-        let drain_then_stop = async move {
+        let drain = async move {
             shutdown.await;
-            info!("draining: ending open watch streams");
+            info!("draining: NOT_SERVING, ending open watches, finishing unary calls");
+            health.drain().await;
             draining.send_replace(true);
+            let _ = drain_started.send(());
         };
-        Server::builder()
+        let serving = router.serve_with_incoming_shutdown(TcpListenerStream::new(listener), drain);
+        tokio::pin!(serving);
+
+        let grace = self.settings.shutdown_grace;
+        tokio::select! {
+            result = &mut serving => result.map_err(ServeError::from),
+            () = async {
+                if drain_began.await.is_ok() {
+                    tokio::time::sleep(grace).await;
+                } else {
+                    std::future::pending::<()>().await;
+                }
+            } => {
+                warn!(?grace, "drain took longer than the grace; closing what is still open");
+                Ok(())
+            }
+        }
+    }
+
+    fn server_builder(&self) -> Result<Server, ServeError> {
+        let limits = &self.settings.limits;
+        let mut builder = Server::builder()
+            .accept_http1(true)
             .initial_connection_window_size(CONNECTION_WINDOW_BYTES)
-            .max_concurrent_streams(self.max_concurrent_streams)
-            .add_service(ExecutionStatusServiceServer::new(self.api))
-            .serve_with_incoming_shutdown(TcpListenerStream::new(listener), drain_then_stop)
-            .await
+            .max_concurrent_streams(limits.max_streams_per_connection)
+            .http2_keepalive_interval(limits.keepalive_interval)
+            .http2_keepalive_timeout(Some(limits.keepalive_timeout));
+        if let Some(age) = limits.max_connection_age {
+            builder = builder.max_connection_age(age);
+        }
+        if let Some(grace) = limits.max_connection_age_grace {
+            builder = builder.max_connection_age_grace(grace);
+        }
+        if let Some(limit) = limits.concurrency_per_connection {
+            builder = builder.concurrency_limit_per_connection(limit);
+        }
+        if let Some(tls) = &self.settings.tls {
+            builder = builder.tls_config(tls.config()).map_err(ServeError::Tls)?;
+        }
+        Ok(builder)
     }
 
     /// Binds 127.0.0.1 on a free port and serves in the background until the returned
@@ -116,6 +299,7 @@ impl Gateway {
         let listener = TcpListener::bind("127.0.0.1:0").await?;
         let addr = listener.local_addr()?;
         let registry = self.registry.clone();
+        let health = self.health.clone();
         let (stop, stopped) = oneshot::channel::<()>();
         let task = tokio::spawn(self.serve(listener, async {
             let _ = stopped.await;
@@ -123,10 +307,44 @@ impl Gateway {
         Ok(RunningGateway {
             addr,
             registry,
+            health,
             stop: Some(stop),
             task,
         })
     }
+}
+
+/// The reflection service over the contract and the health service.
+fn reflection() -> tonic_reflection::server::Builder<'static> {
+    tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(proto::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+}
+
+/// CORS for gRPC-Web from the configured origins; `None` (closed) when there are none.
+fn cors_layer(origins: &[String]) -> Result<Option<CorsLayer>, ServeError> {
+    if origins.is_empty() {
+        return Ok(None);
+    }
+    let origins = origins
+        .iter()
+        .map(|origin| {
+            origin
+                .parse()
+                .map_err(|_| ServeError::CorsOrigin(origin.clone()))
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    let layer = CorsLayer::new()
+        .allow_origin(AllowOrigin::list(origins))
+        .allow_methods([axum::http::Method::POST, axum::http::Method::OPTIONS])
+        .allow_headers(tower_http::cors::Any)
+        .expose_headers([
+            axum::http::HeaderName::from_static("grpc-status"),
+            axum::http::HeaderName::from_static("grpc-message"),
+            axum::http::HeaderName::from_static("grpc-status-details-bin"),
+        ])
+        .max_age(Duration::from_secs(600));
+    Ok(Some(layer))
 }
 
 /// A gateway serving in the background; dropping it shuts the server down.
@@ -134,8 +352,9 @@ impl Gateway {
 pub struct RunningGateway {
     pub addr: SocketAddr,
     pub registry: Registry,
+    pub health: Health,
     stop: Option<oneshot::Sender<()>>,
-    task: JoinHandle<Result<(), tonic::transport::Error>>,
+    task: JoinHandle<Result<(), ServeError>>,
 }
 
 impl RunningGateway {
@@ -145,7 +364,7 @@ impl RunningGateway {
     }
 
     /// Drains, stops accepting calls, and waits for the server to finish.
-    pub async fn shutdown(mut self) -> Result<(), tonic::transport::Error> {
+    pub async fn shutdown(mut self) -> Result<(), ServeError> {
         if let Some(stop) = self.stop.take() {
             let _ = stop.send(());
         }

@@ -10,10 +10,10 @@
 //! deadline, so the caller gets DEADLINE_EXCEEDED with details. For a watch, tonic's timer
 //! only covers the response headers; the stream task ends the stream at the deadline.
 
-use std::time::Duration;
+use std::{sync::Arc, time::Duration};
 
 use tokio::{
-    sync::{mpsc, watch},
+    sync::{Semaphore, mpsc, watch},
     time::Instant,
 };
 use tokio_stream::wrappers::ReceiverStream;
@@ -35,13 +35,26 @@ use crate::{
 /// How much of a caller's deadline is kept back to answer DEADLINE_EXCEEDED in time.
 const DEADLINE_MARGIN: Duration = Duration::from_millis(20);
 
+/// How the service treats calls.
+#[derive(Debug, Clone)]
+pub struct ServiceSettings {
+    /// The gateway's own key, used for calls that bring none.
+    pub fallback_credential: Option<Credential>,
+    /// Quiet time after which a watch repeats its snapshot.
+    pub heartbeat_interval: Duration,
+    /// Watch streams open at once; more get RESOURCE_EXHAUSTED.
+    pub max_watch_streams: usize,
+    /// The longest a unary call may take, whatever deadline the caller sent.
+    pub unary_timeout: Duration,
+}
+
 /// The implementation of `ExecutionStatusService`.
 #[derive(Debug, Clone)]
 pub struct ExecutionStatusApi {
     registry: Registry,
-    /// The gateway's own key, used for calls that bring none.
-    fallback_credential: Option<Credential>,
-    heartbeat_interval: Duration,
+    settings: ServiceSettings,
+    /// One permit per open watch stream.
+    watch_permits: Arc<Semaphore>,
     /// Turns true when the gateway drains; open watches then end with UNAVAILABLE.
     draining: watch::Receiver<bool>,
 }
@@ -49,14 +62,13 @@ pub struct ExecutionStatusApi {
 impl ExecutionStatusApi {
     pub fn new(
         registry: Registry,
-        fallback_credential: Option<Credential>,
-        heartbeat_interval: Duration,
+        settings: ServiceSettings,
         draining: watch::Receiver<bool>,
     ) -> Self {
         Self {
             registry,
-            fallback_credential,
-            heartbeat_interval,
+            watch_permits: Arc::new(Semaphore::new(settings.max_watch_streams)),
+            settings,
             draining,
         }
     }
@@ -67,7 +79,7 @@ impl ExecutionStatusApi {
         metadata: &MetadataMap,
         raw_id: &str,
     ) -> Result<(Credential, ExecutionId), Status> {
-        let inputs = Credential::for_call(metadata, self.fallback_credential.as_ref())
+        let inputs = Credential::for_call(metadata, self.settings.fallback_credential.as_ref())
             .map_err(CallError::from)
             .and_then(|credential| Ok((credential, ExecutionId::parse(raw_id)?)));
         match inputs {
@@ -87,17 +99,17 @@ impl ExecutionStatusService for ExecutionStatusApi {
         &self,
         request: Request<GetExecutionStatusRequest>,
     ) -> Result<Response<GetExecutionStatusResponse>, Status> {
-        let budget = grpc_timeout(request.metadata()).map(|t| t.saturating_sub(DEADLINE_MARGIN));
+        let callers_budget = grpc_timeout(request.metadata())
+            .map(|timeout| timeout.saturating_sub(DEADLINE_MARGIN))
+            .unwrap_or(Duration::MAX);
+        let budget = callers_budget.min(self.settings.unary_timeout);
         let (credential, execution_id) =
             self.inputs(request.metadata(), &request.get_ref().execution_id)?;
 
         let read = self.registry.get(&credential, &execution_id);
-        let outcome = match budget {
-            Some(budget) => match tokio::time::timeout(budget, read).await {
-                Ok(result) => result.map_err(CallError::from),
-                Err(_elapsed) => Err(CallError::DeadlineExceeded),
-            },
-            None => read.await.map_err(CallError::from),
+        let outcome = match tokio::time::timeout(budget, read).await {
+            Ok(result) => result.map_err(CallError::from),
+            Err(_elapsed) => Err(CallError::DeadlineExceeded),
         };
         match outcome {
             Ok(execution) => Ok(Response::new(GetExecutionStatusResponse {
@@ -120,6 +132,10 @@ impl ExecutionStatusService for ExecutionStatusApi {
         if *self.draining.borrow() {
             return Err(CallError::ShuttingDown.report(Some(&execution_id)));
         }
+        let Ok(permit) = Arc::clone(&self.watch_permits).try_acquire_owned() else {
+            let limit = self.settings.max_watch_streams;
+            return Err(CallError::TooManyWatches { limit }.report(Some(&execution_id)));
+        };
 
         let (responses, stream) = mpsc::channel(1);
         let task = WatchStream {
@@ -127,9 +143,10 @@ impl ExecutionStatusService for ExecutionStatusApi {
             execution_id: execution_id.clone(),
             responses,
             last_sent: request.get_ref().last_revision,
-            heartbeat_interval: self.heartbeat_interval,
+            heartbeat_interval: self.settings.heartbeat_interval,
             deadline,
             draining: self.draining.clone(),
+            _permit: permit,
         };
         let span = info_span!("watch_stream", %execution_id);
         tokio::spawn(task.run().instrument(span));

@@ -15,7 +15,7 @@
 use std::time::Duration;
 
 use tokio::{
-    sync::{mpsc, watch},
+    sync::{OwnedSemaphorePermit, mpsc, watch},
     time::{Instant, sleep_until},
 };
 use tonic::Status;
@@ -44,6 +44,8 @@ pub struct WatchStream {
     pub deadline: Option<Instant>,
     /// Turns true when the gateway drains.
     pub draining: watch::Receiver<bool>,
+    /// This stream's place under the limit of open watches, given back when it ends.
+    pub _permit: OwnedSemaphorePermit,
 }
 
 /// What woke the stream task up.

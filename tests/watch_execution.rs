@@ -54,8 +54,11 @@ impl Setup {
             .await
             .unwrap();
 
-        let operations =
-            admin::router(gateway.registry.clone(), WebhookSecret::new(WEBHOOK_SECRET));
+        let operations = admin::router(
+            gateway.registry.clone(),
+            gateway.health.clone(),
+            WebhookSecret::new(WEBHOOK_SECRET),
+        );
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let admin_addr = listener.local_addr().unwrap();
         tokio::spawn(admin::serve(listener, operations, std::future::pending()));

@@ -148,6 +148,7 @@ impl Servers {
         let webhook_url = format!("http://{}/webhooks/synthome", listener.local_addr()?);
         let router = admin::router(
             gateway.registry.clone(),
+            gateway.health.clone(),
             WebhookSecret::new(DEMO_WEBHOOK_SECRET),
         );
         let (stop_operations, stopped) = oneshot::channel::<()>();
@@ -259,10 +260,7 @@ async fn watch_all(
     executions: &[DemoExecution],
     per_execution: usize,
 ) -> Result<Vec<WatchRecord>, Box<dyn Error>> {
-    let connection = GatewayArgs {
-        addr: gateway.uri(),
-        api_key: None,
-    };
+    let connection = GatewayArgs::plaintext(gateway.uri());
     let client = connection.connect().await?;
     let lines = MultiProgress::new();
 

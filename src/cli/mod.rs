@@ -1,4 +1,5 @@
-//! The `synthome-gateway` command line: `serve`, `simulate`, `status`, `watch` and `demo`.
+//! The `synthome-gateway` command line: `serve`, `simulate`, `status`, `health`, `watch`
+//! and `demo`.
 //!
 //! Every flag can also be set from the environment variable named in `--help`; the API key
 //! flags hide their environment value from `--help` so a key never lands in a terminal
@@ -6,34 +7,22 @@
 
 mod client;
 mod demo;
+mod health;
 mod output;
+mod serve;
 mod status;
 mod watch;
 
-use std::{
-    error::Error, net::SocketAddr, num::NonZeroUsize, process::ExitCode, sync::Arc, time::Duration,
-};
+use std::{error::Error, process::ExitCode, time::Duration};
 
-use clap::{Args, Parser, Subcommand};
-use reqwest::Url;
+use clap::{Parser, Subcommand};
 use tokio::net::TcpListener;
 use tracing::{info, warn};
 
-use crate::{
-    admin,
-    credential::Credential,
-    registry::PollSettings,
-    server::{Gateway, GatewaySettings},
-    simulator::{Simulator, SimulatorArgs, SimulatorConfig},
-    upstream::{UpstreamClient, UpstreamConfig},
-    webhook::WebhookSecret,
-};
+use crate::simulator::{Simulator, SimulatorArgs};
 
 /// Synthome's API base, as the SDK's default `apiUrl`.
 pub const DEFAULT_UPSTREAM_URL: &str = "https://api.synthome.dev/api/execute";
-
-/// The key `serve --simulate` uses when none is given: the embedded simulator accepts any.
-const SIMULATOR_DEMO_KEY: &str = "sy_test_simulator_demo";
 
 /// A gRPC gateway in front of Synthome's execution status API.
 #[derive(Debug, Parser)]
@@ -46,11 +35,14 @@ pub struct Cli {
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Run the gateway.
-    Serve(Box<ServeArgs>),
+    Serve(Box<serve::ServeArgs>),
     /// Run a stand-in for Synthome's execution API, for demos, tests and benchmarks.
     Simulate(SimulatorArgs),
     /// Ask a running gateway for the status of one execution.
     Status(status::StatusArgs),
+    /// Probe a running gateway's gRPC health; exits 0 only when it is SERVING.
+    #[command(after_help = health::EXIT_CODES_HELP)]
+    Health(health::HealthArgs),
     /// Follow one execution through a running gateway until it completes or fails.
     ///
     /// On a terminal it shows live progress bars (the execution and each of its jobs);
@@ -68,150 +60,6 @@ pub enum Command {
     Demo(demo::DemoArgs),
 }
 
-#[derive(Debug, Clone, Args)]
-pub struct ServeArgs {
-    /// Address the gRPC server listens on.
-    #[arg(
-        long,
-        env = "SYNTHOME_GATEWAY_LISTEN",
-        default_value = "127.0.0.1:50051"
-    )]
-    pub listen: SocketAddr,
-
-    /// Start a built-in simulator of Synthome's API and use it as the upstream, seeded with
-    /// sample executions whose ids are logged. No account needed; --upstream-url is ignored.
-    #[arg(long, env = "SYNTHOME_GATEWAY_SIMULATE")]
-    pub simulate: bool,
-
-    /// Address of the operations HTTP listener (Synthome webhooks at POST /webhooks/synthome).
-    #[arg(
-        long,
-        env = "SYNTHOME_GATEWAY_ADMIN_LISTEN",
-        default_value = "127.0.0.1:9090"
-    )]
-    pub admin_listen: SocketAddr,
-
-    /// Secret that Synthome signs webhooks with (HMAC-SHA256). When set, webhooks without a
-    /// valid signature are refused; when not set, any webhook is taken as a hint to refresh.
-    #[arg(long, env = "SYNTHOME_WEBHOOK_SECRET", hide_env_values = true)]
-    pub webhook_secret: Option<String>,
-
-    /// With no change for this long, a watch stream repeats its snapshot as a heartbeat so
-    /// proxies with idle timeouts keep it open.
-    #[arg(long, env = "SYNTHOME_GATEWAY_HEARTBEAT_INTERVAL", default_value = "15s", value_parser = parse_duration)]
-    pub heartbeat_interval: Duration,
-
-    /// HTTP/2 streams (calls and watches) one client connection may have open at once.
-    #[arg(
-        long,
-        env = "SYNTHOME_GATEWAY_MAX_STREAMS_PER_CONNECTION",
-        default_value = "20000"
-    )]
-    pub max_streams_per_connection: u32,
-
-    #[command(flatten)]
-    pub poll: PollArgs,
-
-    #[command(flatten)]
-    pub upstream: UpstreamArgs,
-}
-
-#[derive(Debug, Clone, Args)]
-pub struct PollArgs {
-    /// Delay between two status requests for an execution that is changing (the SDK's own
-    /// pace is 1s). All callers of one execution with one key share these requests.
-    #[arg(long, env = "SYNTHOME_GATEWAY_POLL_INTERVAL", default_value = "1s", value_parser = parse_duration)]
-    pub poll_interval: Duration,
-
-    /// Longest delay between two requests, reached by backing off while an execution does
-    /// not change or Synthome fails.
-    #[arg(long, env = "SYNTHOME_GATEWAY_POLL_MAX_INTERVAL", default_value = "10s", value_parser = parse_duration)]
-    pub poll_max_interval: Duration,
-
-    /// How long a poller goes on after its last watcher left, so a quick reconnect finds it.
-    #[arg(long, env = "SYNTHOME_GATEWAY_POLLER_LINGER", default_value = "2s", value_parser = parse_duration)]
-    pub poller_linger: Duration,
-
-    /// How long Synthome may keep failing before open watches end with UNAVAILABLE.
-    #[arg(long, env = "SYNTHOME_GATEWAY_UPSTREAM_OUTAGE_TIMEOUT", default_value = "60s", value_parser = parse_duration)]
-    pub upstream_outage_timeout: Duration,
-
-    /// Shortest gap between two requests for one execution when webhooks or reads ask for a
-    /// fresh status.
-    #[arg(long, env = "SYNTHOME_GATEWAY_MIN_REFRESH_INTERVAL", default_value = "250ms", value_parser = parse_duration)]
-    pub min_refresh_interval: Duration,
-
-    /// Status requests to Synthome in flight at once, across all executions.
-    #[arg(
-        long,
-        env = "SYNTHOME_GATEWAY_MAX_UPSTREAM_IN_FLIGHT",
-        default_value = "64"
-    )]
-    pub max_upstream_in_flight: usize,
-
-    /// How many ended (completed or failed) executions to remember; repeats of those are
-    /// answered without asking Synthome.
-    #[arg(
-        long,
-        env = "SYNTHOME_GATEWAY_ENDED_CACHE_SIZE",
-        default_value = "10000"
-    )]
-    pub ended_cache_size: NonZeroUsize,
-}
-
-impl PollArgs {
-    pub fn settings(&self) -> PollSettings {
-        PollSettings {
-            interval: self.poll_interval,
-            max_interval: self.poll_max_interval.max(self.poll_interval),
-            linger: self.poller_linger,
-            outage_timeout: self.upstream_outage_timeout,
-            min_refresh_gap: self.min_refresh_interval,
-            max_in_flight: self.max_upstream_in_flight,
-            ended_cache_size: self.ended_cache_size,
-        }
-    }
-}
-
-#[derive(Debug, Clone, Args)]
-pub struct UpstreamArgs {
-    /// Base URL of Synthome's execution API; status is read from {url}/{executionId}/status.
-    #[arg(long, env = "SYNTHOME_API_URL", default_value = DEFAULT_UPSTREAM_URL)]
-    pub upstream_url: Url,
-
-    /// API key used for calls that carry no `authorization: Bearer` metadata of their own.
-    /// Without it, such calls fail with UNAUTHENTICATED.
-    #[arg(long, env = "SYNTHOME_API_KEY", hide_env_values = true)]
-    pub api_key: Option<String>,
-
-    /// Time allowed to open a connection to Synthome (e.g. 500ms, 2s).
-    #[arg(long, env = "SYNTHOME_GATEWAY_UPSTREAM_CONNECT_TIMEOUT", default_value = "2s", value_parser = parse_duration)]
-    pub upstream_connect_timeout: Duration,
-
-    /// Time allowed for one whole request to Synthome, body included.
-    #[arg(long, env = "SYNTHOME_GATEWAY_UPSTREAM_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
-    pub upstream_timeout: Duration,
-
-    /// Largest response body accepted from Synthome, in bytes.
-    #[arg(
-        long,
-        env = "SYNTHOME_GATEWAY_UPSTREAM_MAX_BODY_BYTES",
-        default_value = "4194304"
-    )]
-    pub upstream_max_body_bytes: usize,
-}
-
-impl UpstreamArgs {
-    fn config(&self, base_url: Url) -> UpstreamConfig {
-        UpstreamConfig {
-            base_url,
-            connect_timeout: self.upstream_connect_timeout,
-            request_timeout: self.upstream_timeout,
-            max_body_bytes: self.upstream_max_body_bytes,
-        }
-    }
-}
-
 impl Command {
     /// The log level used when `RUST_LOG` is not set. The demo draws progress bars on
     /// stderr, where its in-process servers would otherwise log their lifecycle at info.
@@ -226,70 +74,13 @@ impl Command {
 /// Runs a parsed command line to its end.
 pub async fn run(cli: Cli) -> Result<ExitCode, Box<dyn Error>> {
     match cli.command {
-        Command::Serve(args) => serve(*args).await.map(|()| ExitCode::SUCCESS),
+        Command::Serve(args) => serve::run(*args).await.map(|()| ExitCode::SUCCESS),
         Command::Simulate(args) => simulate(args).await.map(|()| ExitCode::SUCCESS),
         Command::Status(args) => status::run(args).await,
+        Command::Health(args) => health::run(args).await,
         Command::Watch(args) => watch::run(args).await,
         Command::Demo(args) => demo::run(args).await,
     }
-}
-
-async fn serve(args: ServeArgs) -> Result<(), Box<dyn Error>> {
-    let mut fallback_key = args.upstream.api_key.clone();
-    let mut base_url = args.upstream.upstream_url.clone();
-
-    // The simulator lives as long as this function: it serves until the gateway stops.
-    let _simulator = if args.simulate {
-        let running = Simulator::spawn(SimulatorConfig::default()).await?;
-        let key = fallback_key.get_or_insert_with(|| SIMULATOR_DEMO_KEY.to_owned());
-        base_url = Url::parse(&running.base_url())?;
-        info!(upstream = %base_url, "serving with the built-in simulator as upstream");
-        for (execution_id, description) in running.simulator.seed_samples(key) {
-            info!(%execution_id, %description, "sample execution started");
-        }
-        Some(running)
-    } else {
-        None
-    };
-
-    let fallback_credential = fallback_key.as_deref().and_then(Credential::new);
-    if fallback_credential.is_none() {
-        warn!("no --api-key: calls without `authorization` metadata will be refused");
-    }
-    let upstream = UpstreamClient::new(&args.upstream.config(base_url))?;
-    let settings = GatewaySettings {
-        fallback_credential,
-        poll: args.poll.settings(),
-        heartbeat_interval: args.heartbeat_interval,
-        max_concurrent_streams_per_connection: args.max_streams_per_connection,
-    };
-    let gateway = Gateway::new(Arc::new(upstream), settings);
-    let webhook_secret = args.webhook_secret.as_deref().and_then(WebhookSecret::new);
-    let operations = admin::router(gateway.registry().clone(), webhook_secret);
-    let grpc_listener = TcpListener::bind(args.listen).await?;
-    let admin_listener = TcpListener::bind(args.admin_listen).await?;
-
-    // One signal stops both listeners.
-    let (stop, stopped) = tokio::sync::watch::channel(false);
-    tokio::spawn(async move {
-        shutdown_signal().await;
-        stop.send_replace(true);
-    });
-    let until_stopped = |mut stopped: tokio::sync::watch::Receiver<bool>| async move {
-        let _ = stopped.wait_for(|stop| *stop).await;
-    };
-    tokio::try_join!(
-        async {
-            let grpc = gateway.serve(grpc_listener, until_stopped(stopped.clone()));
-            grpc.await.map_err(Box::<dyn Error>::from)
-        },
-        async {
-            let http = admin::serve(admin_listener, operations, until_stopped(stopped.clone()));
-            http.await.map_err(Box::<dyn Error>::from)
-        },
-    )?;
-    info!("gateway stopped");
-    Ok(())
 }
 
 async fn simulate(args: SimulatorArgs) -> Result<(), Box<dyn Error>> {
