@@ -1,5 +1,5 @@
 //! The operations HTTP listener (`--admin-listen`): Synthome's webhooks and plain HTTP
-//! probes. `/healthz` answers 200 while the process runs (liveness); `/readyz` answers 200
+//! probes and metrics. `GET /metrics` serves Prometheus text (see `crate::metrics`); `/healthz` answers 200 while the process runs (liveness); `/readyz` answers 200
 //! while the gateway should get traffic and 503 while it should not (Synthome unreachable
 //! past the threshold, or draining), the same state gRPC health reports.
 //!
@@ -8,12 +8,19 @@
 
 use std::future::Future;
 
-use axum::{Router, extract::State, http::StatusCode, routing::get};
+use axum::{
+    Router,
+    extract::State,
+    http::{StatusCode, header},
+    response::IntoResponse,
+    routing::get,
+};
 use tokio::net::TcpListener;
 use tracing::info;
 
 use crate::{
     health::Health,
+    metrics::{self, Metrics},
     registry::Registry,
     webhook::{self, WebhookSecret},
 };
@@ -24,7 +31,19 @@ pub fn router(registry: Registry, health: Health, webhook_secret: Option<Webhook
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(ready))
         .with_state(health);
-    webhook::router(registry, webhook_secret).merge(probes)
+    let metrics = Router::new()
+        .route("/metrics", get(metrics))
+        .with_state(registry.metrics().clone());
+    webhook::router(registry, webhook_secret)
+        .merge(probes)
+        .merge(metrics)
+}
+
+async fn metrics(State(metrics): State<Metrics>) -> impl IntoResponse {
+    (
+        [(header::CONTENT_TYPE, metrics::CONTENT_TYPE)],
+        metrics.encode(),
+    )
 }
 
 async fn ready(State(health): State<Health>) -> (StatusCode, &'static str) {

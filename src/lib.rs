@@ -17,6 +17,8 @@
 //!   model of its JSON.
 //! - [`execution`] and [`progress`]: the upstream JSON turned into the `Execution` message,
 //!   with `PipelineProgress` derived from the jobs because the service does not send it.
+//! - [`metrics`]: Prometheus counters, gauges and histograms, and the layer that counts
+//!   every gRPC call with the code its client got.
 //! - [`server`]: builds and runs the gRPC server (with health, reflection and gRPC-Web);
 //!   [`health`], whether the gateway should get traffic; [`admin`], the operations HTTP
 //!   listener.
@@ -31,6 +33,7 @@ pub mod execution_id;
 pub mod grpc_error;
 pub mod health;
 pub mod json;
+pub mod metrics;
 pub mod progress;
 pub mod registry;
 pub mod server;

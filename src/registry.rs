@@ -51,6 +51,7 @@ use crate::{
     credential::{Credential, Fingerprint},
     execution::{self, is_final},
     execution_id::ExecutionId,
+    metrics::{CacheHit, GaugeGuard, Metrics},
     proto::Execution,
     upstream::{StatusSource, UpstreamError},
 };
@@ -148,6 +149,7 @@ struct Inner {
     in_flight: Semaphore,
     next_revision: AtomicU64,
     stats: RegistryStats,
+    metrics: Metrics,
     /// Since when upstream requests have failed without an HTTP answer or with a 5xx;
     /// `None` while Synthome answers. Read by the health checks.
     upstream_failing_since: Mutex<Option<Instant>>,
@@ -202,6 +204,7 @@ impl Registry {
                 pollers: Mutex::new(HashMap::new()),
                 next_revision: AtomicU64::new(seed),
                 stats: RegistryStats::default(),
+                metrics: Metrics::new(),
                 upstream_failing_since: Mutex::new(None),
             }),
         }
@@ -213,6 +216,11 @@ impl Registry {
 
     pub fn stats(&self) -> &RegistryStats {
         &self.inner.stats
+    }
+
+    /// The gateway's metrics, which the registry's pollers feed.
+    pub fn metrics(&self) -> &Metrics {
+        &self.inner.metrics
     }
 
     /// Watches one execution, starting its poller if nobody watches it yet.
@@ -229,6 +237,7 @@ impl Registry {
             };
         }
         if let Some(snapshot) = self.inner.lock_ended().get(&key) {
+            self.inner.metrics.cache_hit(CacheHit::Ended);
             return ended_watcher(Arc::clone(snapshot));
         }
 
@@ -312,7 +321,10 @@ impl Registry {
             .confirmed_at
             .is_some_and(|at| at.elapsed() < self.inner.settings.interval);
         match (&state.snapshot, fresh && state.last_error.is_none()) {
-            (Some(snapshot), true) => Some(Ok(Arc::clone(snapshot))),
+            (Some(snapshot), true) => {
+                self.inner.metrics.cache_hit(CacheHit::Fresh);
+                Some(Ok(Arc::clone(snapshot)))
+            }
             _ => None,
         }
     }
@@ -440,6 +452,8 @@ struct Poller {
     /// No fetch before this instant (set by a 429's `Retry-After`).
     not_before: Option<Instant>,
     failing_since: Option<Instant>,
+    /// Counts this poller in the `active_pollers` gauge while it lives.
+    _running: GaugeGuard,
 }
 
 /// What the poller does after a fetch.
@@ -456,7 +470,9 @@ impl Poller {
         credential: Credential,
     ) -> Self {
         let delay = inner.settings.interval;
+        let running = inner.metrics.poller_running();
         Self {
+            _running: running,
             inner,
             key,
             handle,
@@ -485,20 +501,28 @@ impl Poller {
 
     /// Fetches once and publishes what was learned.
     async fn poll_once(&mut self) -> Next {
-        let outcome = {
+        let (outcome, took) = {
             let _permit = self.inner.in_flight.acquire().await;
             self.inner
                 .stats
                 .upstream_requests
                 .fetch_add(1, Ordering::Relaxed);
-            self.inner
+            let started = Instant::now();
+            let outcome = self
+                .inner
                 .source
                 .fetch_status(&self.credential, &self.key.execution_id)
-                .await
+                .await;
+            (outcome, started.elapsed())
         };
         let now = Instant::now();
         self.last_fetch = Some(now);
         self.inner.note_upstream_health(&outcome, now);
+        let kind = outcome.as_ref().map_or_else(UpstreamError::kind, |_| "ok");
+        let audience = self.handle.updates.receiver_count();
+        self.inner
+            .metrics
+            .upstream_request(kind, took.as_secs_f64(), audience);
 
         match outcome {
             Ok(body) => self.on_snapshot(execution::from_upstream(body), now),

@@ -37,6 +37,7 @@ use tracing::{info, warn};
 use crate::{
     credential::Credential,
     health::Health,
+    metrics::RpcMetricsLayer,
     proto::{self, execution_status_service_server::ExecutionStatusServiceServer},
     registry::{PollSettings, Registry},
     service::{ExecutionStatusApi, ServiceSettings},
@@ -226,6 +227,7 @@ impl Gateway {
 
         let router = builder
             .layer(web)
+            .layer(RpcMetricsLayer::new(self.registry.metrics().clone()))
             .add_service(health_service)
             .add_service(reflection_v1)
             .add_service(reflection_v1alpha)

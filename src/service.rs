@@ -147,6 +147,7 @@ impl ExecutionStatusService for ExecutionStatusApi {
             deadline,
             draining: self.draining.clone(),
             _permit: permit,
+            _open: self.registry.metrics().watch_stream_open(),
         };
         let span = info_span!("watch_stream", %execution_id);
         tokio::spawn(task.run().instrument(span));

@@ -24,6 +24,7 @@ use tracing::debug;
 use crate::{
     execution_id::ExecutionId,
     grpc_error::CallError,
+    metrics::GaugeGuard,
     proto::{Execution, WatchExecutionResponse},
     registry::{PollEnd, PollState, Watcher},
 };
@@ -46,6 +47,8 @@ pub struct WatchStream {
     pub draining: watch::Receiver<bool>,
     /// This stream's place under the limit of open watches, given back when it ends.
     pub _permit: OwnedSemaphorePermit,
+    /// Counts this stream in the `open_watch_streams` gauge while it lives.
+    pub _open: GaugeGuard,
 }
 
 /// What woke the stream task up.

@@ -19,7 +19,7 @@ use std::fmt;
 use axum::{
     Json, Router,
     body::Bytes,
-    extract::{DefaultBodyLimit, State},
+    extract::{DefaultBodyLimit, State, rejection::BytesRejection},
     http::{HeaderMap, StatusCode},
     response::{IntoResponse, Response},
     routing::post,
@@ -30,7 +30,7 @@ use serde_json::json;
 use sha2::Sha256;
 use tracing::{debug, warn};
 
-use crate::{execution_id::ExecutionId, registry::Registry};
+use crate::{execution_id::ExecutionId, metrics::WebhookResult, registry::Registry};
 
 /// The largest webhook body accepted. Synthome's bodies are a few hundred bytes plus the
 /// execution's result.
@@ -93,7 +93,25 @@ struct WebhookBody {
     execution_id: String,
 }
 
-async fn receive(State(state): State<WebhookState>, headers: HeaderMap, body: Bytes) -> Response {
+async fn receive(
+    State(state): State<WebhookState>,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Response {
+    let metrics = state.registry.metrics();
+    let body = match body {
+        Ok(body) => body,
+        Err(rejection) => {
+            let result = if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE {
+                WebhookResult::TooLarge
+            } else {
+                WebhookResult::Malformed
+            };
+            metrics.webhook(result);
+            debug!(status = %rejection.status(), "webhook refused: body not read");
+            return rejection.into_response();
+        }
+    };
     if let Some(secret) = &state.secret {
         let signature = headers
             .get("x-webhook-signature")
@@ -105,6 +123,7 @@ async fn receive(State(state): State<WebhookState>, headers: HeaderMap, body: By
                 signed = signature.is_some(),
                 "webhook refused: bad or missing signature"
             );
+            metrics.webhook(WebhookResult::BadSignature);
             return refuse(
                 StatusCode::UNAUTHORIZED,
                 "missing or invalid webhook signature",
@@ -114,6 +133,7 @@ async fn receive(State(state): State<WebhookState>, headers: HeaderMap, body: By
 
     let Ok(parsed) = serde_json::from_slice::<WebhookBody>(&body) else {
         debug!("webhook refused: body is not a Synthome webhook");
+        metrics.webhook(WebhookResult::Malformed);
         return refuse(
             StatusCode::BAD_REQUEST,
             "body must be JSON with an executionId",
@@ -121,6 +141,7 @@ async fn receive(State(state): State<WebhookState>, headers: HeaderMap, body: By
     };
     let Ok(execution_id) = ExecutionId::parse(&parsed.execution_id) else {
         debug!("webhook refused: malformed executionId");
+        metrics.webhook(WebhookResult::Malformed);
         return refuse(
             StatusCode::BAD_REQUEST,
             "executionId is not a valid execution id",
@@ -128,6 +149,7 @@ async fn receive(State(state): State<WebhookState>, headers: HeaderMap, body: By
     };
 
     let refreshed = state.registry.refresh_execution(&execution_id);
+    metrics.webhook(WebhookResult::Accepted);
     debug!(%execution_id, refreshed, "webhook received");
     (StatusCode::OK, Json(json!({"refreshedPollers": refreshed}))).into_response()
 }

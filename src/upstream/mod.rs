@@ -64,6 +64,24 @@ pub enum UpstreamError {
     Malformed(String),
 }
 
+impl UpstreamError {
+    /// A short, stable name of the failure, for metric labels.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Self::NotFound => "not_found",
+            Self::Unauthenticated { .. } => "unauthenticated",
+            Self::PermissionDenied { .. } => "permission_denied",
+            Self::RateLimited { .. } => "rate_limited",
+            Self::ServerError { .. } => "server_error",
+            Self::Rejected { .. } => "rejected",
+            Self::Redirected { .. } => "redirected",
+            Self::Unreachable(_) => "unreachable",
+            Self::TimedOut(_) => "timeout",
+            Self::Malformed(_) => "malformed",
+        }
+    }
+}
+
 /// Settings of the upstream client.
 #[derive(Debug, Clone)]
 pub struct UpstreamConfig {
