@@ -13,6 +13,8 @@
 //!   every reader and watcher of it; ended executions, which never change, are remembered.
 //! - [`webhook`]: the operations HTTP listener, where Synthome's webhooks make pollers
 //!   fetch at once.
+//! - [`trace_context`]: W3C `traceparent` carried from a call to the upstream requests it
+//!   causes.
 //! - [`upstream`]: the HTTP client for `GET {base}/{executionId}/status`, and the tolerant
 //!   model of its JSON.
 //! - [`execution`] and [`progress`]: the upstream JSON turned into the `Execution` message,
@@ -22,6 +24,7 @@
 //! - [`server`]: builds and runs the gRPC server (with health, reflection and gRPC-Web);
 //!   [`health`], whether the gateway should get traffic; [`admin`], the operations HTTP
 //!   listener.
+//! - [`telemetry`]: logs, as text or JSON lines.
 //! - [`simulator`]: a faithful stand-in for Synthome's API, for demos, tests and benchmarks.
 //! - [`cli`]: the `synthome-gateway` command line.
 
@@ -39,6 +42,8 @@ pub mod registry;
 pub mod server;
 pub mod service;
 pub mod simulator;
+pub mod telemetry;
+pub mod trace_context;
 pub mod upstream;
 pub mod watch;
 pub mod webhook;

@@ -53,6 +53,7 @@ use crate::{
     execution_id::ExecutionId,
     metrics::{CacheHit, GaugeGuard, Metrics},
     proto::Execution,
+    trace_context::TraceContext,
     upstream::{StatusSource, UpstreamError},
 };
 
@@ -170,22 +171,53 @@ impl std::fmt::Debug for Inner {
 #[derive(Debug)]
 struct PollerHandle {
     updates: watch::Sender<PollState>,
-    /// Asks the poller to fetch now (subject to `min_refresh_gap` and `Retry-After`).
-    refresh: Arc<Notify>,
+    refresh: Refresh,
+}
+
+/// Asks a poller to fetch now (subject to `min_refresh_gap` and `Retry-After`). Watchers
+/// hold this, never the [`PollerHandle`], so the poller's channel closes with its task.
+#[derive(Debug, Clone, Default)]
+struct Refresh {
+    notify: Arc<Notify>,
+    /// The trace context of the unary read that asked for the next fetch, if it had one.
+    trace: Arc<Mutex<Option<TraceContext>>>,
+}
+
+impl Refresh {
+    fn ask(&self, trace: Option<&TraceContext>) {
+        if let Some(trace) = trace {
+            *self.trace.lock().unwrap_or_else(PoisonError::into_inner) = Some(trace.clone());
+        }
+        self.notify.notify_one();
+    }
+
+    /// The trace context of whoever asked for this fetch, taken so it is sent once.
+    fn take_trace(&self) -> Option<TraceContext> {
+        self.trace
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .take()
+    }
 }
 
 /// A caller's view of one execution: the latest [`PollState`] and every later one.
 #[derive(Debug)]
 pub struct Watcher {
     pub updates: watch::Receiver<PollState>,
-    refresh: Option<Arc<Notify>>,
+    /// `None` for an execution that has ended: there is nothing to fetch.
+    refresh: Option<Refresh>,
 }
 
 impl Watcher {
     /// Asks the poller to fetch now; a watcher of an ended execution has nothing to ask.
     pub fn refresh(&self) {
+        self.refresh_traced(None);
+    }
+
+    /// Asks the poller to fetch now, passing `trace` on with that request.
+    fn refresh_traced(&self, trace: Option<&TraceContext>) {
         if let Some(refresh) = &self.refresh {
-            refresh.notify_one();
+            refresh.ask(trace);
         }
     }
 }
@@ -225,6 +257,17 @@ impl Registry {
 
     /// Watches one execution, starting its poller if nobody watches it yet.
     pub fn watch(&self, credential: &Credential, execution_id: &ExecutionId) -> Watcher {
+        self.watch_traced(credential, execution_id, None)
+    }
+
+    /// [`Registry::watch`] for a call with a trace context: a poller it starts passes the
+    /// context on with its scheduled requests.
+    pub fn watch_traced(
+        &self,
+        credential: &Credential,
+        execution_id: &ExecutionId,
+        trace: Option<&TraceContext>,
+    ) -> Watcher {
         let key = PollerKey {
             fingerprint: credential.fingerprint(),
             execution_id: execution_id.clone(),
@@ -233,7 +276,7 @@ impl Registry {
         if let Some(poller) = pollers.get(&key) {
             return Watcher {
                 updates: poller.updates.subscribe(),
-                refresh: Some(Arc::clone(&poller.refresh)),
+                refresh: Some(poller.refresh.clone()),
             };
         }
         if let Some(snapshot) = self.inner.lock_ended().get(&key) {
@@ -244,18 +287,19 @@ impl Registry {
         let (updates, receiver) = watch::channel(PollState::default());
         let poller = Arc::new(PollerHandle {
             updates,
-            refresh: Arc::new(Notify::new()),
+            refresh: Refresh::default(),
         });
         pollers.insert(key.clone(), Arc::clone(&poller));
         drop(pollers);
 
-        let refresh = Arc::clone(&poller.refresh);
+        let refresh = poller.refresh.clone();
         let span = debug_span!("poller", execution_id = %key.execution_id);
         let task = Poller::new(
             Arc::clone(&self.inner),
             key,
             Arc::clone(&poller),
             credential.clone(),
+            trace.cloned(),
         );
         tokio::spawn(task.run().instrument(span));
         Watcher {
@@ -271,7 +315,18 @@ impl Registry {
         credential: &Credential,
         execution_id: &ExecutionId,
     ) -> Result<Arc<Execution>, ReadError> {
-        let mut watcher = self.watch(credential, execution_id);
+        self.get_traced(credential, execution_id, None).await
+    }
+
+    /// [`Registry::get`] for a call with a trace context, passed on with the fetch it asks
+    /// for.
+    pub async fn get_traced(
+        &self,
+        credential: &Credential,
+        execution_id: &ExecutionId,
+        trace: Option<&TraceContext>,
+    ) -> Result<Arc<Execution>, ReadError> {
+        let mut watcher = self.watch_traced(credential, execution_id, trace);
         let attempts_before = {
             let state = watcher.updates.borrow_and_update();
             if let Some(answer) = self.answer_now(&state) {
@@ -279,7 +334,7 @@ impl Registry {
             }
             state.attempts
         };
-        watcher.refresh();
+        watcher.refresh_traced(trace);
 
         loop {
             let closed = watcher.updates.changed().await.is_err();
@@ -336,7 +391,7 @@ impl Registry {
         let mut asked = 0;
         for (key, poller) in pollers.iter() {
             if &key.execution_id == execution_id {
-                poller.refresh.notify_one();
+                poller.refresh.ask(None);
                 asked += 1;
             }
         }
@@ -444,6 +499,8 @@ struct Poller {
     key: PollerKey,
     handle: Arc<PollerHandle>,
     credential: Credential,
+    /// The trace context of the call that started the poller, for scheduled requests.
+    trace: Option<TraceContext>,
     /// The last snapshot's content, revision cleared, to tell changes from repeats.
     last_content: Option<Execution>,
     /// The delay before the next scheduled poll.
@@ -468,6 +525,7 @@ impl Poller {
         key: PollerKey,
         handle: Arc<PollerHandle>,
         credential: Credential,
+        trace: Option<TraceContext>,
     ) -> Self {
         let delay = inner.settings.interval;
         let running = inner.metrics.poller_running();
@@ -477,6 +535,7 @@ impl Poller {
             key,
             handle,
             credential,
+            trace,
             last_content: None,
             delay,
             last_fetch: None,
@@ -507,11 +566,13 @@ impl Poller {
                 .stats
                 .upstream_requests
                 .fetch_add(1, Ordering::Relaxed);
+            let asked_by = self.handle.refresh.take_trace();
+            let trace = asked_by.as_ref().or(self.trace.as_ref());
             let started = Instant::now();
             let outcome = self
                 .inner
                 .source
-                .fetch_status(&self.credential, &self.key.execution_id)
+                .fetch_status(&self.credential, &self.key.execution_id, trace)
                 .await;
             (outcome, started.elapsed())
         };
@@ -614,7 +675,7 @@ impl Poller {
             }
             tokio::select! {
                 () = sleep_until(due) => return true,
-                () = self.handle.refresh.notified() => {
+                () = self.handle.refresh.notify.notified() => {
                     let gap_end = self.last_fetch.map(|at| at + settings.min_refresh_gap);
                     let earliest = gap_end.max(self.not_before).unwrap_or_else(Instant::now);
                     due = due.min(earliest);
@@ -629,9 +690,9 @@ impl Poller {
     async fn linger(&self) -> bool {
         tokio::select! {
             () = sleep(self.inner.settings.linger) => {}
-            () = self.handle.refresh.notified() => {
+            () = self.handle.refresh.notify.notified() => {
                 // A reader came back and wants a fetch: keep the request for the caller.
-                self.handle.refresh.notify_one();
+                self.handle.refresh.notify.notify_one();
             }
         }
         let mut pollers = self.inner.lock_pollers();
@@ -739,6 +800,7 @@ mod tests {
             &'a self,
             _credential: &'a Credential,
             execution_id: &'a ExecutionId,
+            _trace: Option<&'a TraceContext>,
         ) -> Pin<Box<dyn Future<Output = Result<StatusBody, UpstreamError>> + Send + 'a>> {
             self.fetches.fetch_add(1, Ordering::SeqCst);
             let mut script = self.script.lock().unwrap();
@@ -1088,6 +1150,7 @@ mod tests {
                 &'a self,
                 _: &'a Credential,
                 _: &'a ExecutionId,
+                _: Option<&'a TraceContext>,
             ) -> Pin<Box<dyn Future<Output = Result<StatusBody, UpstreamError>> + Send + 'a>>
             {
                 Box::pin(async { panic!("a bug in a source") })

@@ -29,6 +29,7 @@ use crate::{
         execution_status_service_server::ExecutionStatusService,
     },
     registry::Registry,
+    trace_context::TraceContext,
     watch::{StreamItem, WatchStream},
 };
 
@@ -106,7 +107,10 @@ impl ExecutionStatusService for ExecutionStatusApi {
         let (credential, execution_id) =
             self.inputs(request.metadata(), &request.get_ref().execution_id)?;
 
-        let read = self.registry.get(&credential, &execution_id);
+        let trace = TraceContext::from_metadata(request.metadata());
+        let read = self
+            .registry
+            .get_traced(&credential, &execution_id, trace.as_ref());
         let outcome = match tokio::time::timeout(budget, read).await {
             Ok(result) => result.map_err(CallError::from),
             Err(_elapsed) => Err(CallError::DeadlineExceeded),
@@ -139,7 +143,11 @@ impl ExecutionStatusService for ExecutionStatusApi {
 
         let (responses, stream) = mpsc::channel(1);
         let task = WatchStream {
-            watcher: self.registry.watch(&credential, &execution_id),
+            watcher: self.registry.watch_traced(
+                &credential,
+                &execution_id,
+                TraceContext::from_metadata(request.metadata()).as_ref(),
+            ),
             execution_id: execution_id.clone(),
             responses,
             last_sent: request.get_ref().last_revision,

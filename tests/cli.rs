@@ -58,3 +58,44 @@ async fn status_reports_errors_with_code_and_reason_and_fails() {
         "{text}"
     );
 }
+
+#[tokio::test]
+async fn json_logs_are_one_object_per_line_and_never_hold_a_key() {
+    use std::process::Stdio;
+    use tokio::io::{AsyncBufReadExt, BufReader};
+
+    const KEY: &str = "sy_test_never_logged_0123456789";
+    let mut process = tokio::process::Command::new(common::binary::BINARY)
+        .args(["--log-format", "json", "serve", "--simulate"])
+        .args(["--listen", "127.0.0.1:0", "--admin-listen", "127.0.0.1:0"])
+        .args(["--api-key", KEY])
+        .env("RUST_LOG", "debug")
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(process.stderr.take().unwrap()).lines();
+    let mut logged = Vec::new();
+    let addr = loop {
+        let line = lines.next_line().await.unwrap().expect("still running");
+        let record: serde_json::Value = serde_json::from_str(&line)
+            .unwrap_or_else(|err| panic!("not a JSON line ({err}): {line}"));
+        logged.push(line);
+        if record["fields"]["message"] == "gRPC listening" {
+            break format!("http://{}", record["fields"]["addr"].as_str().unwrap());
+        }
+    };
+
+    // Calls with the key, one of them refused: both are logged at debug or above.
+    let unknown = client("status", &addr, &["exec_unknown", "--api-key", KEY]).await;
+    assert!(!unknown.status.success());
+    process.start_kill().unwrap();
+    while let Ok(Some(line)) = lines.next_line().await {
+        serde_json::from_str::<serde_json::Value>(&line)
+            .unwrap_or_else(|err| panic!("not a JSON line ({err}): {line}"));
+        logged.push(line);
+    }
+    let all = logged.join("\n");
+    assert!(all.contains("exec_unknown"), "the call was logged:\n{all}");
+    assert!(!all.contains(KEY), "a key reached the log:\n{all}");
+}

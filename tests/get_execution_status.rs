@@ -9,7 +9,7 @@ use common::{ALICE, BOB, Harness, ScriptedUpstream, gateway, get, job, upstream_
 use serde_json::json;
 use synthome_gateway::{
     json::from_struct,
-    proto::ExecutionState,
+    proto::{ExecutionState, GetExecutionStatusRequest},
     simulator::{Faults, SimulatorConfig},
 };
 use tonic::{Code, Request, Status};
@@ -451,4 +451,47 @@ async fn answers_the_simulator_never_gives_are_mapped_too() {
             Some("Bearer sy_test_alice")
         );
     }
+}
+
+#[tokio::test]
+async fn the_callers_trace_context_reaches_the_upstream_and_junk_does_not() {
+    const TRACEPARENT: &str = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+    let body = r#"{"id":"exec_abc123","status":"processing","jobs":[]}"#;
+    let upstream = ScriptedUpstream::start(200, &[], body).await;
+    let gateway = gateway(upstream_config(&upstream.base_url()), None).await;
+    let client = common::client(&gateway).await;
+    let call = |traceparent: &str, tracestate: &str| {
+        let mut request = Request::new(GetExecutionStatusRequest {
+            execution_id: "exec_abc123".into(),
+        });
+        let metadata = request.metadata_mut();
+        metadata.insert("authorization", format!("Bearer {ALICE}").parse().unwrap());
+        metadata.insert("traceparent", traceparent.parse().unwrap());
+        metadata.insert("tracestate", tracestate.parse().unwrap());
+        let mut client = client.clone();
+        async move { client.get_execution_status(request).await }
+    };
+
+    call(TRACEPARENT, "vendor=opaque").await.unwrap();
+    let seen = upstream.seen();
+    assert_eq!(seen.len(), 1);
+    assert_eq!(seen[0].traceparent.as_deref(), Some(TRACEPARENT));
+    assert_eq!(seen[0].tracestate.as_deref(), Some("vendor=opaque"));
+
+    // A snapshot younger than the poll interval is reused, so wait for the next poll to
+    // ask again: the poller's scheduled requests carry the context of its first caller.
+    let all_zero_trace = "00-00000000000000000000000000000000-00f067aa0ba902b7-01";
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while upstream.seen().len() < 2 {
+        assert!(tokio::time::Instant::now() < deadline, "no second request");
+        call(all_zero_trace, "other=state").await.unwrap();
+    }
+    assert!(
+        upstream
+            .seen()
+            .iter()
+            .all(|seen| seen.traceparent.as_deref() == Some(TRACEPARENT)),
+        "an invalid context is dropped, never forwarded: {:?}",
+        upstream.seen()
+    );
 }

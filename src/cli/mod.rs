@@ -19,7 +19,10 @@ use clap::{Parser, Subcommand};
 use tokio::net::TcpListener;
 use tracing::{info, warn};
 
-use crate::simulator::{Simulator, SimulatorArgs};
+use crate::{
+    simulator::{Simulator, SimulatorArgs},
+    telemetry::LogFormat,
+};
 
 /// Synthome's API base, as the SDK's default `apiUrl`.
 pub const DEFAULT_UPSTREAM_URL: &str = "https://api.synthome.dev/api/execute";
@@ -30,6 +33,17 @@ pub const DEFAULT_UPSTREAM_URL: &str = "https://api.synthome.dev/api/execute";
 pub struct Cli {
     #[command(subcommand)]
     pub command: Command,
+
+    /// How log lines on stderr are written: human-readable text, or one JSON object per
+    /// line for log collectors. The level comes from RUST_LOG (default info).
+    #[arg(
+        long,
+        global = true,
+        env = "SYNTHOME_GATEWAY_LOG_FORMAT",
+        value_enum,
+        default_value = "text"
+    )]
+    pub log_format: LogFormat,
 }
 
 #[derive(Debug, Subcommand)]

@@ -20,7 +20,7 @@ use std::{future::Future, pin::Pin, time::Duration};
 use reqwest::{StatusCode, Url, header};
 use serde::Deserialize;
 
-use crate::{credential::Credential, execution_id::ExecutionId};
+use crate::{credential::Credential, execution_id::ExecutionId, trace_context::TraceContext};
 pub use model::{JobBody, StatusBody};
 
 /// How long an upstream message may be before it is cut when passed on to a caller.
@@ -29,10 +29,13 @@ const MAX_MESSAGE_CHARS: usize = 300;
 /// A source of execution status bodies. The HTTP client is the real one; tests of the
 /// snapshot and polling logic plug in their own.
 pub trait StatusSource: Send + Sync + 'static {
+    /// Reads one execution's status; `trace` is the context of the call that caused the
+    /// request, to be passed on.
     fn fetch_status<'a>(
         &'a self,
         credential: &'a Credential,
         execution_id: &'a ExecutionId,
+        trace: Option<&'a TraceContext>,
     ) -> Pin<Box<dyn Future<Output = Result<StatusBody, UpstreamError>> + Send + 'a>>;
 }
 
@@ -147,13 +150,21 @@ impl UpstreamClient {
         &self,
         credential: &Credential,
         execution_id: &ExecutionId,
+        trace: Option<&TraceContext>,
     ) -> Result<StatusBody, UpstreamError> {
         let url = format!("{}/{execution_id}/status", self.base);
-        let response = self
+        let mut request = self
             .http
             .get(url)
             .header(header::AUTHORIZATION, credential.bearer_header())
-            .header(header::ACCEPT, "application/json")
+            .header(header::ACCEPT, "application/json");
+        if let Some(trace) = trace {
+            request = request.header("traceparent", trace.traceparent());
+            if let Some(tracestate) = trace.tracestate() {
+                request = request.header("tracestate", tracestate);
+            }
+        }
+        let response = request
             .send()
             .await
             .map_err(|err| self.transport_error(err))?;
@@ -209,8 +220,9 @@ impl StatusSource for UpstreamClient {
         &'a self,
         credential: &'a Credential,
         execution_id: &'a ExecutionId,
+        trace: Option<&'a TraceContext>,
     ) -> Pin<Box<dyn Future<Output = Result<StatusBody, UpstreamError>> + Send + 'a>> {
-        Box::pin(self.status(credential, execution_id))
+        Box::pin(self.status(credential, execution_id, trace))
     }
 }
 

@@ -174,6 +174,8 @@ pub fn job(id: &str, operation: &str, simulate: Value, depends_on: &[&str]) -> V
 pub struct SeenRequest {
     pub path: String,
     pub authorization: Option<String>,
+    pub traceparent: Option<String>,
+    pub tracestate: Option<String>,
 }
 
 /// An upstream that answers every request with one fixed response and records what it got:
@@ -217,12 +219,17 @@ async fn answer(
     uri: Uri,
     headers: HeaderMap,
 ) -> impl IntoResponse {
+    let header = |name| {
+        headers
+            .get(name)
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_owned)
+    };
     seen.lock().expect("not poisoned").push(SeenRequest {
         path: uri.path().to_owned(),
-        authorization: headers
-            .get("authorization")
-            .and_then(|v| v.to_str().ok())
-            .map(str::to_owned),
+        authorization: header("authorization"),
+        traceparent: header("traceparent"),
+        tracestate: header("tracestate"),
     });
     let (status, headers, body) = script.as_ref().clone();
     let mut response = (status, body).into_response();
