@@ -45,7 +45,7 @@ use tokio::{
     sync::{Notify, Semaphore, watch},
     time::{Instant, sleep, sleep_until},
 };
-use tracing::{Instrument, debug, debug_span, warn};
+use tracing::{Instrument, debug, debug_span, info_span, warn};
 
 use crate::{
     credential::{Credential, Fingerprint},
@@ -53,7 +53,7 @@ use crate::{
     execution_id::ExecutionId,
     metrics::{CacheHit, GaugeGuard, Metrics},
     proto::Execution,
-    trace_context::TraceContext,
+    trace_context::{self, TraceContext},
     upstream::{StatusSource, UpstreamError},
 };
 
@@ -567,12 +567,15 @@ impl Poller {
                 .upstream_requests
                 .fetch_add(1, Ordering::Relaxed);
             let asked_by = self.handle.refresh.take_trace();
-            let trace = asked_by.as_ref().or(self.trace.as_ref());
+            let span = info_span!("upstream_request", execution_id = %self.key.execution_id, otel.kind = "client");
+            let trace =
+                trace_context::continue_in(&span, asked_by.as_ref().or(self.trace.as_ref()));
             let started = Instant::now();
             let outcome = self
                 .inner
                 .source
-                .fetch_status(&self.credential, &self.key.execution_id, trace)
+                .fetch_status(&self.credential, &self.key.execution_id, trace.as_ref())
+                .instrument(span)
                 .await;
             (outcome, started.elapsed())
         };

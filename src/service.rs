@@ -18,7 +18,7 @@ use tokio::{
 };
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, metadata::MetadataMap};
-use tracing::{Instrument, Span, field, info_span, instrument};
+use tracing::{Instrument, Span, field, info_span};
 
 use crate::{
     credential::Credential,
@@ -29,7 +29,7 @@ use crate::{
         execution_status_service_server::ExecutionStatusService,
     },
     registry::Registry,
-    trace_context::TraceContext,
+    trace_context::{self, TraceContext},
     watch::{StreamItem, WatchStream},
 };
 
@@ -93,12 +93,38 @@ impl ExecutionStatusApi {
     }
 }
 
+/// Each RPC runs in a span named after it, created before anything else so that it can
+/// continue the caller's trace (a span's parent is fixed once it has been entered).
 #[tonic::async_trait]
 impl ExecutionStatusService for ExecutionStatusApi {
-    #[instrument(name = "GetExecutionStatus", skip_all, fields(execution_id = field::Empty))]
     async fn get_execution_status(
         &self,
         request: Request<GetExecutionStatusRequest>,
+    ) -> Result<Response<GetExecutionStatusResponse>, Status> {
+        let span = info_span!("GetExecutionStatus", execution_id = field::Empty);
+        let caller = TraceContext::from_metadata(request.metadata());
+        let trace = trace_context::continue_in(&span, caller.as_ref());
+        self.read_status(request, trace).instrument(span).await
+    }
+
+    type WatchExecutionStream = ReceiverStream<StreamItem>;
+
+    async fn watch_execution(
+        &self,
+        request: Request<WatchExecutionRequest>,
+    ) -> Result<Response<Self::WatchExecutionStream>, Status> {
+        let span = info_span!("WatchExecution", execution_id = field::Empty);
+        let caller = TraceContext::from_metadata(request.metadata());
+        let trace = trace_context::continue_in(&span, caller.as_ref());
+        self.start_watch(request, trace).instrument(span).await
+    }
+}
+
+impl ExecutionStatusApi {
+    async fn read_status(
+        &self,
+        request: Request<GetExecutionStatusRequest>,
+        trace: Option<TraceContext>,
     ) -> Result<Response<GetExecutionStatusResponse>, Status> {
         let callers_budget = grpc_timeout(request.metadata())
             .map(|timeout| timeout.saturating_sub(DEADLINE_MARGIN))
@@ -107,7 +133,6 @@ impl ExecutionStatusService for ExecutionStatusApi {
         let (credential, execution_id) =
             self.inputs(request.metadata(), &request.get_ref().execution_id)?;
 
-        let trace = TraceContext::from_metadata(request.metadata());
         let read = self
             .registry
             .get_traced(&credential, &execution_id, trace.as_ref());
@@ -123,13 +148,11 @@ impl ExecutionStatusService for ExecutionStatusApi {
         }
     }
 
-    type WatchExecutionStream = ReceiverStream<StreamItem>;
-
-    #[instrument(name = "WatchExecution", skip_all, fields(execution_id = field::Empty))]
-    async fn watch_execution(
+    async fn start_watch(
         &self,
         request: Request<WatchExecutionRequest>,
-    ) -> Result<Response<Self::WatchExecutionStream>, Status> {
+        trace: Option<TraceContext>,
+    ) -> Result<Response<ReceiverStream<StreamItem>>, Status> {
         let deadline = grpc_timeout(request.metadata()).map(|t| Instant::now() + t);
         let (credential, execution_id) =
             self.inputs(request.metadata(), &request.get_ref().execution_id)?;
@@ -143,11 +166,9 @@ impl ExecutionStatusService for ExecutionStatusApi {
 
         let (responses, stream) = mpsc::channel(1);
         let task = WatchStream {
-            watcher: self.registry.watch_traced(
-                &credential,
-                &execution_id,
-                TraceContext::from_metadata(request.metadata()).as_ref(),
-            ),
+            watcher: self
+                .registry
+                .watch_traced(&credential, &execution_id, trace.as_ref()),
             execution_id: execution_id.clone(),
             responses,
             last_sent: request.get_ref().last_revision,

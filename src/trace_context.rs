@@ -8,11 +8,16 @@
 //!
 //! Upstream requests are shared by every caller of a poller, so a request carries one
 //! caller's context: a fetch that a unary read asked for carries that read's context;
-//! scheduled polls carry the context of the call that started the poller. The gateway
-//! passes the context on unchanged (the spec allows a participant that records no span of
-//! its own to do so).
+//! scheduled polls carry the context of the call that started the poller.
+//!
+//! Without trace export the gateway passes the context on unchanged, as the spec allows a
+//! participant that records no span of its own. With OTLP export (cargo feature `otlp`)
+//! the gateway takes part: the caller's context becomes the parent of the RPC's span, the
+//! RPC's span the parent of the upstream requests it causes, and Synthome gets the upstream
+//! request's span as its parent.
 
 use tonic::metadata::MetadataMap;
+use tracing::Span;
 
 /// The longest `tracestate` carried; the spec allows 32 members of at most 256 characters,
 /// but real ones are far shorter and the upstream request should stay small.
@@ -53,6 +58,60 @@ impl TraceContext {
     /// The trace id, 32 lowercase hex digits.
     pub fn trace_id(&self) -> &str {
         &self.traceparent[3..35]
+    }
+}
+
+/// Continues `caller`'s trace in `span`, and returns the context to hand on to work done
+/// on its behalf: when traces are exported, `span` becomes the caller's child and its own
+/// context is returned; otherwise the caller's context is returned unchanged.
+pub fn continue_in(span: &Span, caller: Option<&TraceContext>) -> Option<TraceContext> {
+    #[cfg(feature = "otlp")]
+    {
+        use tracing_opentelemetry::OpenTelemetrySpanExt;
+        if let Some(caller) = caller {
+            // Fails only for a span no exporter records: there is nothing to link then.
+            let _ = span.set_parent(otel::extract(caller));
+        }
+        if let Some(own) = otel::inject(span) {
+            return Some(own);
+        }
+    }
+    #[cfg(not(feature = "otlp"))]
+    let _ = span;
+    caller.cloned()
+}
+
+#[cfg(feature = "otlp")]
+mod otel {
+    use std::collections::HashMap;
+
+    use opentelemetry::{Context, propagation::TextMapPropagator};
+    use opentelemetry_sdk::propagation::TraceContextPropagator;
+    use tracing::Span;
+    use tracing_opentelemetry::OpenTelemetrySpanExt;
+
+    use super::{TraceContext, is_carryable_tracestate, parse_traceparent};
+
+    pub(super) fn extract(context: &TraceContext) -> Context {
+        let mut carrier = HashMap::from([("traceparent".to_owned(), context.traceparent.clone())]);
+        if let Some(tracestate) = &context.tracestate {
+            carrier.insert("tracestate".to_owned(), tracestate.clone());
+        }
+        TraceContextPropagator::new().extract(&carrier)
+    }
+
+    /// `span`'s own context, when it is exported; `None` for a span no exporter records.
+    pub(super) fn inject(span: &Span) -> Option<TraceContext> {
+        let mut carrier = HashMap::new();
+        TraceContextPropagator::new().inject_context(&span.context(), &mut carrier);
+        let traceparent = parse_traceparent(carrier.get("traceparent")?)?;
+        let tracestate = carrier
+            .remove("tracestate")
+            .filter(|value| is_carryable_tracestate(value));
+        Some(TraceContext {
+            traceparent,
+            tracestate,
+        })
     }
 }
 

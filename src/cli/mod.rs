@@ -21,7 +21,7 @@ use tracing::{info, warn};
 
 use crate::{
     simulator::{Simulator, SimulatorArgs},
-    telemetry::LogFormat,
+    telemetry::{LogFormat, TraceExport},
 };
 
 /// Synthome's API base, as the SDK's default `apiUrl`.
@@ -44,6 +44,24 @@ pub struct Cli {
         default_value = "text"
     )]
     pub log_format: LogFormat,
+
+    /// Export traces over OTLP/gRPC to this collector (e.g. http://otel-collector:4317):
+    /// one span per RPC and per upstream request, parented by the caller's traceparent.
+    #[cfg(feature = "otlp")]
+    #[arg(long, global = true, env = "OTEL_EXPORTER_OTLP_ENDPOINT")]
+    pub otlp_endpoint: Option<String>,
+}
+
+impl Cli {
+    /// Where traces are exported, if anywhere.
+    pub fn traces(&self) -> TraceExport {
+        #[cfg(feature = "otlp")]
+        return TraceExport {
+            otlp_endpoint: self.otlp_endpoint.clone(),
+        };
+        #[cfg(not(feature = "otlp"))]
+        TraceExport::default()
+    }
 }
 
 #[derive(Debug, Subcommand)]
