@@ -99,3 +99,61 @@ async fn json_logs_are_one_object_per_line_and_never_hold_a_key() {
     assert!(all.contains("exec_unknown"), "the call was logged:\n{all}");
     assert!(!all.contains(KEY), "a key reached the log:\n{all}");
 }
+
+#[tokio::test]
+async fn sigterm_drains_open_watches_and_exits_zero() {
+    use synthome_gateway::proto::{
+        WatchExecutionRequest, execution_status_service_client::ExecutionStatusServiceClient,
+    };
+    use tonic_types::StatusExt;
+
+    let mut gateway = serve_simulated(&["--shutdown-grace", "5s"]).await;
+    let mut client = ExecutionStatusServiceClient::connect(gateway.addr.clone())
+        .await
+        .unwrap();
+    let mut streams = Vec::new();
+    for sample in gateway.samples.iter().cycle().take(40) {
+        let request = WatchExecutionRequest {
+            execution_id: sample.clone(),
+            last_revision: 0,
+        };
+        let mut stream = client.watch_execution(request).await.unwrap().into_inner();
+        stream.message().await.unwrap().expect("first message");
+        streams.push(stream);
+    }
+
+    let pid = gateway.process.id().expect("running").to_string();
+    let kill = tokio::process::Command::new("kill")
+        .args(["-TERM", &pid])
+        .status()
+        .await
+        .unwrap();
+    assert!(kill.success());
+
+    let mut drained = 0;
+    for mut stream in streams {
+        let end = loop {
+            match stream.message().await {
+                Ok(Some(_)) => continue,
+                Ok(None) => break None,
+                Err(status) => break Some(status),
+            }
+        };
+        // A sample that ended just before the signal closes with OK; the others drain.
+        if let Some(status) = end {
+            assert_eq!(status.code(), tonic::Code::Unavailable, "{status:?}");
+            let reason = status.get_details_error_info().unwrap().reason;
+            assert_eq!(reason, "GATEWAY_SHUTTING_DOWN");
+            drained += 1;
+        }
+    }
+    assert!(
+        drained > 0,
+        "the samples run for seconds: most watches were open"
+    );
+    let exit = tokio::time::timeout(std::time::Duration::from_secs(15), gateway.process.wait())
+        .await
+        .expect("the drain is bounded by --shutdown-grace")
+        .unwrap();
+    assert!(exit.success(), "{exit:?}");
+}
