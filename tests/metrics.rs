@@ -6,10 +6,9 @@ mod common;
 
 use std::{net::SocketAddr, sync::Arc, time::Duration};
 
-use common::{ALICE, fast_polling, job, upstream_config};
+use common::{ALICE, fast_polling, job, serve_operations, upstream_config, with_key};
 use serde_json::json;
 use synthome_gateway::{
-    admin,
     proto::{
         ExecutionState, GetExecutionStatusRequest, WatchExecutionRequest,
         execution_status_service_client::ExecutionStatusServiceClient,
@@ -19,7 +18,7 @@ use synthome_gateway::{
     upstream::UpstreamClient,
     webhook::WebhookSecret,
 };
-use tokio::{net::TcpListener, time::Instant};
+use tokio::time::Instant;
 use tonic::{Code, Request, transport::Channel};
 
 const SERVICE: &str = "synthome.status.v1.ExecutionStatusService";
@@ -47,14 +46,7 @@ impl Setup {
             .spawn()
             .await
             .unwrap();
-        let operations = admin::router(
-            gateway.registry.clone(),
-            gateway.health.clone(),
-            WebhookSecret::new("whsec_metrics_test"),
-        );
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let admin_addr = listener.local_addr().unwrap();
-        tokio::spawn(admin::serve(listener, operations, std::future::pending()));
+        let admin_addr = serve_operations(&gateway, WebhookSecret::new("whsec_metrics_test")).await;
         Self {
             simulator,
             gateway,
@@ -136,13 +128,6 @@ impl Scrape {
             &[("service", SERVICE), ("method", method), ("code", code)],
         )
     }
-}
-
-fn with_key<T>(message: T) -> Request<T> {
-    let mut request = Request::new(message);
-    let value = format!("Bearer {ALICE}").parse().unwrap();
-    request.metadata_mut().insert("authorization", value);
-    request
 }
 
 fn get_request(id: &str) -> Request<GetExecutionStatusRequest> {

@@ -5,12 +5,11 @@ mod common;
 
 use std::{sync::Arc, time::Duration};
 
-use common::{ALICE, fast_polling, job, upstream_config};
+use common::{ALICE, fast_polling, job, serve_operations, upstream_config, with_key};
 use prost::Message;
 use rcgen::{BasicConstraints, CertificateParams, IsCa, Issuer, KeyPair};
 use serde_json::json;
 use synthome_gateway::{
-    admin,
     proto::{
         ExecutionState, GetExecutionStatusRequest, WatchExecutionRequest, WatchExecutionResponse,
         execution_status_service_client::ExecutionStatusServiceClient,
@@ -19,7 +18,7 @@ use synthome_gateway::{
     simulator::{Faults, RunningSimulator, Simulator, SimulatorConfig},
     upstream::UpstreamClient,
 };
-use tokio::{net::TcpListener, time::Instant};
+use tokio::time::Instant;
 use tokio_stream::StreamExt;
 use tonic::{
     Code, Request,
@@ -58,13 +57,6 @@ async fn channel(gateway: &RunningGateway) -> Channel {
         .connect()
         .await
         .unwrap()
-}
-
-fn with_key<T>(message: T) -> Request<T> {
-    let mut request = Request::new(message);
-    let value = format!("Bearer {ALICE}").parse().unwrap();
-    request.metadata_mut().insert("authorization", value);
-    request
 }
 
 fn watch_request(id: &str) -> Request<WatchExecutionRequest> {
@@ -500,10 +492,7 @@ async fn drain_ends_watches_turns_not_serving_and_stops_despite_a_stuck_client()
         streams.push(stream);
     }
     let health = gateway.health.clone();
-    let operations = admin::router(gateway.registry.clone(), health.clone(), None);
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let readyz = format!("http://{}/readyz", listener.local_addr().unwrap());
-    tokio::spawn(admin::serve(listener, operations, std::future::pending()));
+    let readyz = format!("http://{}/readyz", serve_operations(&gateway, None).await);
     assert_eq!(reqwest::get(&readyz).await.unwrap().status(), 200);
 
     let shutdown = tokio::spawn(gateway.shutdown());

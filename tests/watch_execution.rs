@@ -6,10 +6,9 @@ mod common;
 
 use std::{net::SocketAddr, sync::Arc, time::Duration};
 
-use common::{ALICE, BOB, fast_polling, job, upstream_config};
+use common::{ALICE, BOB, fast_polling, job, serve_operations, upstream_config};
 use serde_json::{Value, json};
 use synthome_gateway::{
-    admin,
     proto::{
         ExecutionState, WatchExecutionRequest, WatchExecutionResponse,
         execution_status_service_client::ExecutionStatusServiceClient,
@@ -20,7 +19,7 @@ use synthome_gateway::{
     upstream::UpstreamClient,
     webhook::WebhookSecret,
 };
-use tokio::{net::TcpListener, time::Instant};
+use tokio::time::Instant;
 use tonic::{Code, Request, Status, Streaming, transport::Channel};
 use tonic_types::StatusExt;
 
@@ -54,14 +53,7 @@ impl Setup {
             .await
             .unwrap();
 
-        let operations = admin::router(
-            gateway.registry.clone(),
-            gateway.health.clone(),
-            WebhookSecret::new(WEBHOOK_SECRET),
-        );
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let admin_addr = listener.local_addr().unwrap();
-        tokio::spawn(admin::serve(listener, operations, std::future::pending()));
+        let admin_addr = serve_operations(&gateway, WebhookSecret::new(WEBHOOK_SECRET)).await;
         Self {
             simulator,
             gateway,

@@ -17,6 +17,7 @@ use axum::{
 };
 use serde_json::{Value, json};
 use synthome_gateway::{
+    admin,
     credential::Credential,
     proto::{
         Execution, ExecutionState, GetExecutionStatusRequest,
@@ -26,6 +27,7 @@ use synthome_gateway::{
     server::{Gateway, GatewaySettings, RunningGateway},
     simulator::{RunningSimulator, SimulatorConfig},
     upstream::{UpstreamClient, UpstreamConfig},
+    webhook::WebhookSecret,
 };
 use tokio::net::TcpListener;
 use tonic::{Request, Status, transport::Channel};
@@ -52,6 +54,31 @@ pub fn fast_polling() -> PollSettings {
         min_refresh_gap: Duration::from_millis(20),
         ..PollSettings::default()
     }
+}
+
+/// Serves the gateway's operations listener (webhooks, probes, metrics) on a free port of
+/// 127.0.0.1 for the rest of the test, and returns its address.
+pub async fn serve_operations(
+    gateway: &RunningGateway,
+    webhook_secret: Option<WebhookSecret>,
+) -> SocketAddr {
+    let operations = admin::router(
+        gateway.registry.clone(),
+        gateway.health.clone(),
+        webhook_secret,
+    );
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    tokio::spawn(admin::serve(listener, operations, std::future::pending()));
+    addr
+}
+
+/// `message` as a request carrying ALICE's key.
+pub fn with_key<T>(message: T) -> Request<T> {
+    let mut request = Request::new(message);
+    let value = format!("Bearer {ALICE}").parse().expect("ascii key");
+    request.metadata_mut().insert("authorization", value);
+    request
 }
 
 /// Starts a gateway in front of `base_url`.
