@@ -293,6 +293,7 @@ async fn python_client_suite() {
     let mut command = Command::new(python);
     command
         .current_dir(repo())
+        .env("PYTHONDONTWRITEBYTECODE", "1")
         .args(["-m", "pytest", "-p", "no:cacheprovider", "-v"])
         .arg("tests/clients/python");
     run_suite("Python", command, &stack).await;
