@@ -18,21 +18,35 @@
 //! never ends, so the whole drain is bounded by `shutdown_grace`: what is still open then
 //! is closed.
 //!
+//! Accepted connections get `TCP_NODELAY`: a unary answer is written as a few small frames
+//! (headers, message, trailers), and with Nagle's algorithm on, the last of them waits for
+//! the client's delayed ACK, about 40 ms on Linux, on every call. When accepting fails for
+//! lack of resources (no file descriptors left), accepting pauses for a moment instead of
+//! spinning on the error; the backlog holds new connections meanwhile.
+//!
 //! Limits: `concurrency_per_connection` counts open watch streams as well as unary calls,
 //! so set it well above the number of watches one client keeps on a connection.
 
-use std::{future::Future, io, net::SocketAddr, sync::Arc, time::Duration};
+use std::{
+    future::Future,
+    io,
+    net::SocketAddr,
+    pin::Pin,
+    sync::Arc,
+    task::{Context, Poll, ready},
+    time::Duration,
+};
 
 use tokio::{
-    net::TcpListener,
+    net::{TcpListener, TcpStream},
     sync::{oneshot, watch},
     task::JoinHandle,
 };
-use tokio_stream::wrappers::TcpListenerStream;
+use tokio_stream::Stream;
 use tonic::transport::{Certificate, Identity, Server, ServerTlsConfig};
 use tower::ServiceBuilder;
 use tower_http::cors::{AllowOrigin, CorsLayer};
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 
 use crate::{
     credential::Credential,
@@ -253,7 +267,7 @@ impl Gateway {
             draining.send_replace(true);
             let _ = drain_started.send(());
         };
-        let serving = router.serve_with_incoming_shutdown(TcpListenerStream::new(listener), drain);
+        let serving = router.serve_with_incoming_shutdown(Incoming::new(listener), drain);
         tokio::pin!(serving);
 
         let grace = self.settings.shutdown_grace;
@@ -314,6 +328,70 @@ impl Gateway {
             task,
         })
     }
+}
+
+/// How long accepting pauses after a failure that is not the client's (such as EMFILE).
+const ACCEPT_PAUSE: Duration = Duration::from_millis(500);
+
+/// The listener's connections, with `TCP_NODELAY` set, pausing after resource failures.
+struct Incoming {
+    listener: TcpListener,
+    /// Set while accepting pauses after a failure.
+    pause: Option<Pin<Box<tokio::time::Sleep>>>,
+    /// Whether the latest accept failed: one warning per streak of failures.
+    failing: bool,
+}
+
+impl Incoming {
+    fn new(listener: TcpListener) -> Self {
+        Self {
+            listener,
+            pause: None,
+            failing: false,
+        }
+    }
+}
+
+impl Stream for Incoming {
+    type Item = io::Result<TcpStream>;
+
+    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        if let Some(pause) = &mut self.pause {
+            ready!(pause.as_mut().poll(cx));
+            self.pause = None;
+        }
+        match ready!(self.listener.poll_accept(cx)) {
+            Ok((stream, _)) => {
+                self.failing = false;
+                if let Err(err) = stream.set_nodelay(true) {
+                    debug!(error = %err, "could not set TCP_NODELAY on a connection");
+                }
+                Poll::Ready(Some(Ok(stream)))
+            }
+            // The peer gave up before the connection was accepted: nothing to wait for.
+            Err(err) if is_connection_error(&err) => {
+                debug!(error = %err, "a connection failed while being accepted");
+                Poll::Ready(Some(Err(err)))
+            }
+            Err(err) => {
+                if !self.failing {
+                    warn!(error = %err, pause = ?ACCEPT_PAUSE, "cannot accept connections; pausing");
+                }
+                self.failing = true;
+                self.pause = Some(Box::pin(tokio::time::sleep(ACCEPT_PAUSE)));
+                Poll::Ready(Some(Err(err)))
+            }
+        }
+    }
+}
+
+fn is_connection_error(err: &io::Error) -> bool {
+    matches!(
+        err.kind(),
+        io::ErrorKind::ConnectionRefused
+            | io::ErrorKind::ConnectionAborted
+            | io::ErrorKind::ConnectionReset
+    )
 }
 
 /// The reflection service over the contract and the health service.
@@ -379,5 +457,23 @@ impl Drop for RunningGateway {
         if let Some(stop) = self.stop.take() {
             let _ = stop.send(());
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use tokio_stream::StreamExt;
+
+    use super::*;
+
+    #[tokio::test]
+    async fn accepted_connections_do_not_wait_for_delayed_acks() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let mut incoming = Incoming::new(listener);
+
+        let _client = TcpStream::connect(addr).await.unwrap();
+        let accepted = incoming.next().await.unwrap().unwrap();
+        assert!(accepted.nodelay().unwrap(), "TCP_NODELAY is set");
     }
 }
