@@ -8,7 +8,8 @@
 //! `WatchExecution`, with the execution id), one per upstream request. A call's W3C
 //! `traceparent` becomes its span's parent, and the upstream request's span is sent on to
 //! Synthome as its `traceparent` (see `crate::trace_context`). Spans are exported in
-//! batches from a background thread; [`Telemetry::shutdown`] flushes what is left.
+//! batches from a background thread, so a slow or absent collector never slows a call (a
+//! full queue drops spans); [`Telemetry::shutdown`] flushes what is left, for at most 2 s.
 //!
 //! Nothing secret reaches a log line or a span: API keys live in `Credential`, whose
 //! `Debug` prints a placeholder, webhook secrets in `WebhookSecret`, likewise; spans record
@@ -111,7 +112,8 @@ impl Telemetry {
         if let Some(provider) = self.provider {
             // Shutting down blocks until the export thread is done, and that export may
             // need this runtime's workers: block elsewhere.
-            let shutdown = tokio::task::spawn_blocking(move || provider.shutdown()).await;
+            let flush = move || provider.shutdown_with_timeout(otlp::FLUSH_TIMEOUT);
+            let shutdown = tokio::task::spawn_blocking(flush).await;
             if let Ok(Err(err)) = shutdown {
                 eprintln!("warning: could not flush traces: {err}");
             }
@@ -127,6 +129,10 @@ mod otlp {
     use tracing_subscriber::Layer;
 
     use super::TelemetryError;
+
+    /// The longest the last export may take at exit, so an unreachable collector cannot
+    /// hold up a drained gateway for long.
+    pub(super) const FLUSH_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(2);
 
     /// The service name spans carry unless `OTEL_SERVICE_NAME` says otherwise.
     const SERVICE_NAME: &str = "synthome-gateway";
