@@ -46,6 +46,11 @@ pub enum CallError {
     Interrupted,
     #[error("the gateway is shutting down; reconnect, passing the last revision received")]
     ShuttingDown,
+    #[error(
+        "this connection reached the gateway's maximum connection age; reconnect, passing the \
+         last revision received"
+    )]
+    ConnectionAged,
     #[error("this gateway already serves its limit of {limit} watch streams")]
     TooManyWatches { limit: usize },
     #[error("the call's deadline passed before Synthome answered")]
@@ -117,6 +122,9 @@ impl CallError {
             Self::ShuttingDown => {
                 Mapping::new(Code::Unavailable, "GATEWAY_SHUTTING_DOWN").retry(Duration::ZERO)
             }
+            Self::ConnectionAged => {
+                Mapping::new(Code::Unavailable, "CONNECTION_MAX_AGE").retry(Duration::ZERO)
+            }
             Self::Upstream(upstream) => match upstream {
                 U::NotFound => Mapping::new(Code::NotFound, "EXECUTION_NOT_FOUND").http(404),
                 U::Unauthenticated { .. } => {
@@ -160,11 +168,13 @@ impl CallError {
     /// Whether the failure lies with Synthome or the way to it, rather than with the call:
     /// these are logged as warnings, the others as the caller's business.
     pub fn is_upstream_fault(&self) -> bool {
-        !matches!(self, Self::ShuttingDown | Self::TooManyWatches { .. })
-            && matches!(
-                self.code(),
-                Code::Unavailable | Code::Internal | Code::ResourceExhausted
-            )
+        !matches!(
+            self,
+            Self::ShuttingDown | Self::ConnectionAged | Self::TooManyWatches { .. }
+        ) && matches!(
+            self.code(),
+            Code::Unavailable | Code::Internal | Code::ResourceExhausted
+        )
     }
 
     /// Logs the failure, once, at a level that says whose fault it is, and returns its

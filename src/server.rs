@@ -24,6 +24,12 @@
 //! lack of resources (no file descriptors left), accepting pauses for a moment instead of
 //! spinning on the error; the backlog holds new connections meanwhile.
 //!
+//! Connection age: at `max_connection_age` a connection gets GOAWAY (tonic), watches on it
+//! end a moment later with UNAVAILABLE `CONNECTION_MAX_AGE` (so their clients reconnect on
+//! a new connection, to any replica, with their revision), and at age + grace the
+//! connection is closed whatever is still open on it (`AcceptedStream`). tonic's own grace
+//! is not used: with it, tonic closes the connection at age + grace without a GOAWAY.
+//!
 //! Limits: `concurrency_per_connection` counts open watch streams as well as unary calls,
 //! so set it well above the number of watches one client keeps on a connection.
 
@@ -38,12 +44,13 @@ use std::{
 };
 
 use tokio::{
+    io::{AsyncRead, AsyncWrite, ReadBuf},
     net::{TcpListener, TcpStream},
     sync::{oneshot, watch},
     task::JoinHandle,
 };
 use tokio_stream::Stream;
-use tonic::transport::{Certificate, Identity, Server, ServerTlsConfig};
+use tonic::transport::{Certificate, Identity, Server, ServerTlsConfig, server::Connected};
 use tower::ServiceBuilder;
 use tower_http::cors::{AllowOrigin, CorsLayer};
 use tracing::{debug, info, warn};
@@ -197,6 +204,8 @@ impl Gateway {
             heartbeat_interval: settings.heartbeat_interval,
             max_watch_streams: settings.limits.max_watch_streams,
             unary_timeout: settings.limits.unary_timeout,
+            max_connection_age: settings.limits.max_connection_age,
+            max_connection_age_grace: settings.limits.max_connection_age_grace,
         };
         let api = ExecutionStatusApi::new(registry.clone(), service_settings, draining_receiver);
         let health = Health::new();
@@ -267,7 +276,9 @@ impl Gateway {
             draining.send_replace(true);
             let _ = drain_started.send(());
         };
-        let serving = router.serve_with_incoming_shutdown(Incoming::new(listener), drain);
+        let closes_after = limits_close_after(&self.settings.limits);
+        let serving =
+            router.serve_with_incoming_shutdown(Incoming::new(listener, closes_after), drain);
         tokio::pin!(serving);
 
         let grace = self.settings.shutdown_grace;
@@ -294,11 +305,11 @@ impl Gateway {
             .max_concurrent_streams(limits.max_streams_per_connection)
             .http2_keepalive_interval(limits.keepalive_interval)
             .http2_keepalive_timeout(Some(limits.keepalive_timeout));
+        // Only the age goes to tonic, which then sends GOAWAY at that age; given a grace
+        // too, it would close the connection at age + grace without any GOAWAY. The grace
+        // is enforced by `AcceptedStream` instead, and watches end by themselves.
         if let Some(age) = limits.max_connection_age {
             builder = builder.max_connection_age(age);
-        }
-        if let Some(grace) = limits.max_connection_age_grace {
-            builder = builder.max_connection_age_grace(grace);
         }
         if let Some(limit) = limits.concurrency_per_connection {
             builder = builder.concurrency_limit_per_connection(limit);
@@ -333,9 +344,115 @@ impl Gateway {
 /// How long accepting pauses after a failure that is not the client's (such as EMFILE).
 const ACCEPT_PAUSE: Duration = Duration::from_millis(500);
 
+/// What the gateway knows of a client's connection. Every call on it carries this in its
+/// request extensions (see [`ConnectionInfo::of`]).
+#[derive(Debug, Clone)]
+pub struct ConnectionInfo {
+    /// When the connection was accepted.
+    pub accepted_at: std::time::Instant,
+    pub remote_addr: Option<SocketAddr>,
+}
+
+impl ConnectionInfo {
+    /// The connection a call came on, over plain TCP or TLS.
+    pub fn of<T>(request: &tonic::Request<T>) -> Option<&Self> {
+        let extensions = request.extensions();
+        extensions.get::<Self>().or_else(|| {
+            extensions
+                .get::<tonic::transport::server::TlsConnectInfo<Self>>()
+                .map(|tls| tls.get_ref())
+        })
+    }
+}
+
+/// How long after acceptance a connection is closed, whatever is open on it.
+fn limits_close_after(limits: &Limits) -> Option<Duration> {
+    Some(limits.max_connection_age? + limits.max_connection_age_grace?)
+}
+
+/// An accepted connection, which tells tonic its [`ConnectionInfo`], and which fails its
+/// reads and writes once its maximum age and grace have passed, so that hyper closes it.
+struct AcceptedStream {
+    inner: TcpStream,
+    info: ConnectionInfo,
+    closes: Option<Pin<Box<tokio::time::Sleep>>>,
+}
+
+impl AcceptedStream {
+    /// An error once the connection's time is up; registers for the wake-up until then.
+    fn poll_expired(&mut self, cx: &mut Context<'_>) -> Option<io::Error> {
+        let closes = self.closes.as_mut()?;
+        closes.as_mut().poll(cx).is_ready().then(|| {
+            io::Error::new(
+                io::ErrorKind::TimedOut,
+                "the connection outlived its maximum age and grace",
+            )
+        })
+    }
+}
+
+impl Connected for AcceptedStream {
+    type ConnectInfo = ConnectionInfo;
+
+    fn connect_info(&self) -> ConnectionInfo {
+        self.info.clone()
+    }
+}
+
+impl AsyncRead for AcceptedStream {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        if let Some(expired) = self.poll_expired(cx) {
+            return Poll::Ready(Err(expired));
+        }
+        Pin::new(&mut self.inner).poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for AcceptedStream {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        if let Some(expired) = self.poll_expired(cx) {
+            return Poll::Ready(Err(expired));
+        }
+        Pin::new(&mut self.inner).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        if let Some(expired) = self.poll_expired(cx) {
+            return Poll::Ready(Err(expired));
+        }
+        Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}
+
 /// The listener's connections, with `TCP_NODELAY` set, pausing after resource failures.
 struct Incoming {
     listener: TcpListener,
+    /// How long after acceptance connections are closed; `None` for never.
+    closes_after: Option<Duration>,
     /// Set while accepting pauses after a failure.
     pause: Option<Pin<Box<tokio::time::Sleep>>>,
     /// Whether the latest accept failed: one warning per streak of failures.
@@ -343,9 +460,10 @@ struct Incoming {
 }
 
 impl Incoming {
-    fn new(listener: TcpListener) -> Self {
+    fn new(listener: TcpListener, closes_after: Option<Duration>) -> Self {
         Self {
             listener,
+            closes_after,
             pause: None,
             failing: false,
         }
@@ -353,7 +471,7 @@ impl Incoming {
 }
 
 impl Stream for Incoming {
-    type Item = io::Result<TcpStream>;
+    type Item = io::Result<AcceptedStream>;
 
     fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
         if let Some(pause) = &mut self.pause {
@@ -361,12 +479,23 @@ impl Stream for Incoming {
             self.pause = None;
         }
         match ready!(self.listener.poll_accept(cx)) {
-            Ok((stream, _)) => {
+            Ok((stream, remote_addr)) => {
                 self.failing = false;
                 if let Err(err) = stream.set_nodelay(true) {
                     debug!(error = %err, "could not set TCP_NODELAY on a connection");
                 }
-                Poll::Ready(Some(Ok(stream)))
+                let info = ConnectionInfo {
+                    accepted_at: std::time::Instant::now(),
+                    remote_addr: Some(remote_addr),
+                };
+                let closes = self
+                    .closes_after
+                    .map(|after| Box::pin(tokio::time::sleep(after)));
+                Poll::Ready(Some(Ok(AcceptedStream {
+                    inner: stream,
+                    info,
+                    closes,
+                })))
             }
             // The peer gave up before the connection was accepted: nothing to wait for.
             Err(err) if is_connection_error(&err) => {
@@ -470,10 +599,10 @@ mod tests {
     async fn accepted_connections_do_not_wait_for_delayed_acks() {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
-        let mut incoming = Incoming::new(listener);
+        let mut incoming = Incoming::new(listener, None);
 
         let _client = TcpStream::connect(addr).await.unwrap();
         let accepted = incoming.next().await.unwrap().unwrap();
-        assert!(accepted.nodelay().unwrap(), "TCP_NODELAY is set");
+        assert!(accepted.inner.nodelay().unwrap(), "TCP_NODELAY is set");
     }
 }

@@ -29,6 +29,7 @@ use crate::{
         execution_status_service_server::ExecutionStatusService,
     },
     registry::Registry,
+    server::ConnectionInfo,
     trace_context::{self, TraceContext},
     watch::{StreamItem, WatchStream},
 };
@@ -47,6 +48,11 @@ pub struct ServiceSettings {
     pub max_watch_streams: usize,
     /// The longest a unary call may take, whatever deadline the caller sent.
     pub unary_timeout: Duration,
+    /// Connections older than this are asked to go away (GOAWAY); watches on them then
+    /// end with UNAVAILABLE, so that their clients reconnect on a new connection.
+    pub max_connection_age: Option<Duration>,
+    /// How long calls may go on after that GOAWAY before the connection is closed.
+    pub max_connection_age_grace: Option<Duration>,
 }
 
 /// The implementation of `ExecutionStatusService`.
@@ -154,6 +160,7 @@ impl ExecutionStatusApi {
         trace: Option<TraceContext>,
     ) -> Result<Response<ReceiverStream<StreamItem>>, Status> {
         let deadline = grpc_timeout(request.metadata()).map(|t| Instant::now() + t);
+        let connection_ages = self.connection_ages(&request);
         let (credential, execution_id) =
             self.inputs(request.metadata(), &request.get_ref().execution_id)?;
         if *self.draining.borrow() {
@@ -174,6 +181,7 @@ impl ExecutionStatusApi {
             last_sent: request.get_ref().last_revision,
             heartbeat_interval: self.settings.heartbeat_interval,
             deadline,
+            connection_ages,
             draining: self.draining.clone(),
             _permit: permit,
             _open: self.registry.metrics().watch_stream_open(),
@@ -181,6 +189,24 @@ impl ExecutionStatusApi {
         let span = info_span!("watch_stream", %execution_id);
         tokio::spawn(task.run().instrument(span));
         Ok(Response::new(ReceiverStream::new(stream)))
+    }
+}
+
+/// How long after its connection's GOAWAY a watch ends. The GOAWAY must reach the client
+/// first, so that its reconnection opens a new connection instead of landing on the old one.
+const AFTER_GOAWAY: Duration = Duration::from_millis(250);
+
+impl ExecutionStatusApi {
+    /// When a watch on this call's connection should end because the connection aged:
+    /// shortly after its GOAWAY, and well within the grace if there is one.
+    fn connection_ages<T>(&self, request: &Request<T>) -> Option<Instant> {
+        let age = self.settings.max_connection_age?;
+        let accepted_at = Instant::from_std(ConnectionInfo::of(request)?.accepted_at);
+        let after_goaway = self
+            .settings
+            .max_connection_age_grace
+            .map_or(AFTER_GOAWAY, |grace| AFTER_GOAWAY.min(grace / 2));
+        Some(accepted_at + age + after_goaway)
     }
 }
 

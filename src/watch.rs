@@ -9,8 +9,9 @@
 //!
 //! The task ends, and with it the stream, when the execution ends (OK), when the poller
 //! stops for a reason that maps to a status, when the client goes away (the task notices
-//! at once through `closed()`), when the call's deadline passes, or when the gateway
-//! drains.
+//! at once through `closed()`), when the call's deadline passes, when the client's
+//! connection reaches the maximum connection age (UNAVAILABLE, so the client reconnects,
+//! to any replica, with its revision), or when the gateway drains.
 
 use std::time::Duration;
 
@@ -43,6 +44,9 @@ pub struct WatchStream {
     pub heartbeat_interval: Duration,
     /// When the call's own deadline passes.
     pub deadline: Option<Instant>,
+    /// When the client's connection reaches the maximum connection age and is asked to go
+    /// away: the stream ends then, cleanly, instead of being cut with the connection.
+    pub connection_ages: Option<Instant>,
     /// Turns true when the gateway drains.
     pub draining: watch::Receiver<bool>,
     /// This stream's place under the limit of open watches, given back when it ends.
@@ -57,6 +61,7 @@ enum Wake {
     ClientGone,
     Draining,
     DeadlinePassed,
+    ConnectionAged,
     PollerGone,
     Quiet,
 }
@@ -86,6 +91,7 @@ impl WatchStream {
                 // An error means the gateway itself is gone: treat it as a drain.
                 _ = self.draining.wait_for(|draining| *draining) => Wake::Draining,
                 () = sleep_until_option(self.deadline) => Wake::DeadlinePassed,
+                () = sleep_until_option(self.connection_ages) => Wake::ConnectionAged,
                 changed = self.watcher.updates.changed() => match changed {
                     Ok(()) => Wake::Changed,
                     Err(_) => Wake::PollerGone,
@@ -100,6 +106,7 @@ impl WatchStream {
                 }
                 Wake::Draining => return self.fail(CallError::ShuttingDown).await,
                 Wake::DeadlinePassed => return self.fail(CallError::DeadlineExceeded).await,
+                Wake::ConnectionAged => return self.fail(CallError::ConnectionAged).await,
                 // The poller is gone without publishing an end: it failed.
                 Wake::PollerGone => return self.fail(CallError::Interrupted).await,
                 Wake::Quiet => {

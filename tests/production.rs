@@ -27,6 +27,7 @@ use tonic::{
 use tonic_health::pb::{
     HealthCheckRequest, health_check_response::ServingStatus, health_client::HealthClient,
 };
+use tonic_types::StatusExt;
 
 const SERVICE: &str = "synthome.status.v1.ExecutionStatusService";
 
@@ -513,4 +514,98 @@ async fn drain_ends_watches_turns_not_serving_and_stops_despite_a_stuck_client()
         .expect("the grace bounds the drain")
         .unwrap()
         .unwrap();
+}
+
+#[tokio::test]
+async fn watches_end_cleanly_when_their_connection_ages_and_the_client_reconnects() {
+    let simulator = simulator().await;
+    let settings = GatewaySettings {
+        limits: Limits {
+            max_connection_age: Some(Duration::from_millis(300)),
+            max_connection_age_grace: Some(Duration::from_secs(5)),
+            ..Limits::default()
+        },
+        ..GatewaySettings::default()
+    };
+    let gateway = start(&simulator, settings).await;
+    let id = slow_execution(&simulator);
+    let mut client = ExecutionStatusServiceClient::new(channel(&gateway).await);
+
+    // The watch ends when its connection is asked to go away, with a status that says to
+    // reconnect, long before the grace would cut it.
+    let mut stream = client
+        .watch_execution(watch_request(&id))
+        .await
+        .unwrap()
+        .into_inner();
+    let first = stream.message().await.unwrap().unwrap();
+    let end = tokio::time::timeout(Duration::from_secs(4), async {
+        loop {
+            match stream.message().await {
+                Ok(Some(_)) => continue,
+                Ok(None) => return None,
+                Err(status) => return Some(status),
+            }
+        }
+    })
+    .await
+    .expect("the stream ends at the connection's age, not at the end of its grace")
+    .expect("an aged watch does not end OK");
+    assert_eq!(end.code(), Code::Unavailable, "{end:?}");
+    assert_eq!(
+        end.get_details_error_info().unwrap().reason,
+        "CONNECTION_MAX_AGE"
+    );
+    assert_eq!(
+        end.get_details_retry_info().unwrap().retry_delay,
+        Some(Duration::ZERO)
+    );
+
+    // The same channel connects again, and the watch resumes from its revision.
+    let revision = first.execution.unwrap().revision;
+    let mut resumed = with_key(WatchExecutionRequest {
+        execution_id: id.clone(),
+        last_revision: revision,
+    });
+    resumed.set_timeout(Duration::from_millis(200));
+    let mut stream = client.watch_execution(resumed).await.unwrap().into_inner();
+    let status = stream.message().await.unwrap_err();
+    assert_eq!(
+        status.code(),
+        Code::DeadlineExceeded,
+        "nothing changed, so nothing was repeated before the deadline: {status:?}"
+    );
+}
+
+#[tokio::test]
+async fn a_connection_is_closed_at_its_age_and_grace_even_with_a_stuck_stream() {
+    let simulator = simulator().await;
+    let settings = GatewaySettings {
+        limits: Limits {
+            max_connection_age: Some(Duration::from_millis(300)),
+            max_connection_age_grace: Some(Duration::from_millis(300)),
+            ..Limits::default()
+        },
+        ..GatewaySettings::default()
+    };
+    let gateway = start(&simulator, settings).await;
+    let id = slow_execution(&simulator);
+
+    // A client that grants no flow-control window can be sent neither the first message
+    // nor the status that would end its stream: only closing the connection ends it.
+    let stuck_channel = Endpoint::from_shared(gateway.uri())
+        .unwrap()
+        .initial_stream_window_size(Some(0))
+        .connect()
+        .await
+        .unwrap();
+    let mut stuck = ExecutionStatusServiceClient::new(stuck_channel)
+        .watch_execution(watch_request(&id))
+        .await
+        .unwrap()
+        .into_inner();
+    let end = tokio::time::timeout(Duration::from_secs(10), stuck.message())
+        .await
+        .expect("the connection is closed once its age and grace have passed");
+    assert!(end.is_err(), "{end:?}");
 }

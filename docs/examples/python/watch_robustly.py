@@ -17,7 +17,8 @@ from synthome.status.v1 import execution_status_pb2 as pb
 FINAL_STATES = {pb.EXECUTION_STATE_COMPLETED, pb.EXECUTION_STATE_FAILED}
 
 # Codes after which watching again can succeed: UNAVAILABLE (GATEWAY_SHUTTING_DOWN,
-# UPSTREAM_OUTAGE, WATCH_INTERRUPTED, or no connection at all) and RESOURCE_EXHAUSTED
+# CONNECTION_MAX_AGE, UPSTREAM_OUTAGE, WATCH_INTERRUPTED, or no connection at all) and
+# RESOURCE_EXHAUSTED
 # (TOO_MANY_WATCHES). NOT_FOUND, UNAUTHENTICATED, PERMISSION_DENIED, INVALID_ARGUMENT
 # and INTERNAL are final: watching again gives the same answer.
 RECONNECT_CODES = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXHAUSTED}
