@@ -495,3 +495,25 @@ async fn the_callers_trace_context_reaches_the_upstream_and_junk_does_not() {
         upstream.seen()
     );
 }
+
+#[tokio::test]
+async fn an_unreadable_body_that_echoes_a_long_string_still_gives_a_short_unavailable() {
+    // serde_json quotes a string of the wrong type whole in its error text; a body within
+    // the size cap must not turn into a status message of tens of kilobytes.
+    let body = format!(
+        r#"{{"id":"exec_abc123","status":"pending","jobs":"{}"}}"#,
+        "x".repeat(60_000)
+    );
+    let upstream = ScriptedUpstream::start(200, &[], &body).await;
+    let gateway = gateway(upstream_config(&upstream.base_url()), None).await;
+    let client = common::client(&gateway).await;
+
+    let status = get(&client, Some(ALICE), "exec_abc123").await.unwrap_err();
+    assert_eq!(status.code(), Code::Unavailable, "{status:.300?}");
+    assert_eq!(reason(&status), "UPSTREAM_MALFORMED_RESPONSE");
+    assert!(
+        status.message().len() < 1_000,
+        "message of {} bytes",
+        status.message().len()
+    );
+}

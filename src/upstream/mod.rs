@@ -228,8 +228,11 @@ impl StatusSource for UpstreamClient {
 
 /// Parses a 200 body and checks that it describes the execution asked for.
 fn parse_status_body(body: &[u8], asked: &ExecutionId) -> Result<StatusBody, UpstreamError> {
-    let parsed: StatusBody =
-        serde_json::from_slice(body).map_err(|err| UpstreamError::Malformed(err.to_string()))?;
+    // serde_json quotes a mistyped string whole in its error, so the text is cut like an
+    // upstream message: a status message of tens of kilobytes breaks the caller's HTTP/2
+    // connection instead of reaching it.
+    let parsed: StatusBody = serde_json::from_slice(body)
+        .map_err(|err| UpstreamError::Malformed(truncate(&err.to_string(), MAX_MESSAGE_CHARS)))?;
     if parsed.id != asked.as_str() {
         return Err(UpstreamError::Malformed(format!(
             "asked for execution {asked:?} but the answer describes {:?}",
