@@ -250,8 +250,10 @@ fn error_for(
     retry_after: Option<Duration>,
     credential: &Credential,
 ) -> UpstreamError {
+    // Redact before cutting: a key that straddles the cut would otherwise leave its
+    // first characters in the message.
     let message = match error_message(body) {
-        Some(text) => credential.redact(&text),
+        Some(text) => truncate(&credential.redact(&text), MAX_MESSAGE_CHARS),
         None => status.canonical_reason().unwrap_or("no message").to_owned(),
     };
     match status.as_u16() {
@@ -282,8 +284,7 @@ fn error_message(body: &[u8]) -> Option<String> {
         message: Option<String>,
     }
     let parsed: ErrorBody = serde_json::from_slice(body).ok()?;
-    let text = parsed.message.or(parsed.error)?;
-    Some(truncate(&text, MAX_MESSAGE_CHARS))
+    parsed.message.or(parsed.error)
 }
 
 fn retry_after(headers: &header::HeaderMap) -> Option<Duration> {
@@ -328,6 +329,20 @@ mod tests {
                 message: "key <redacted> is inactive".into()
             }
         );
+    }
+
+    #[test]
+    fn a_key_cut_by_the_length_limit_leaves_no_part_behind() {
+        let credential = Credential::new("sy_live_0123456789abcdef").unwrap();
+        let padding = "x".repeat(MAX_MESSAGE_CHARS - 10);
+        let body = format!(r#"{{"message":"{padding} sy_live_0123456789abcdef is inactive"}}"#);
+        let UpstreamError::Unauthenticated { message } =
+            error_for(StatusCode::UNAUTHORIZED, body.as_bytes(), None, &credential)
+        else {
+            panic!("not Unauthenticated");
+        };
+        assert!(!message.contains("sy_live_0"), "{message}");
+        assert!(message.ends_with('…'), "still cut: {message}");
     }
 
     #[test]
