@@ -17,6 +17,9 @@ use crate::{
     upstream::{JobBody, StatusBody},
 };
 
+/// 2^63: whole doubles in `-I64_BOUND..I64_BOUND` convert to i64 exactly.
+const I64_BOUND: f64 = 9_223_372_036_854_775_808.0;
+
 /// The state for an upstream status text; unknown text maps to `Unspecified`.
 pub fn state_of(upstream_status: &str) -> ExecutionState {
     match upstream_status {
@@ -119,8 +122,13 @@ fn media_result_or_keep(value: Value, extra: &mut Map<String, Value>) -> Option<
     let format = take_text("format").unwrap_or_default();
     let duration = json::take_if(&mut fields, "duration", Value::as_f64);
     let size = json::take_if(&mut fields, "size", |v| {
-        v.as_i64()
-            .or_else(|| v.as_f64().filter(|f| f.fract() == 0.0).map(|f| f as i64))
+        v.as_i64().or_else(|| {
+            // `as` would saturate a whole number beyond i64 to i64::MAX: such a value stays
+            // in metadata as it came instead.
+            v.as_f64()
+                .filter(|f| f.fract() == 0.0 && (-I64_BOUND..I64_BOUND).contains(f))
+                .map(|f| f as i64)
+        })
     });
 
     Some(MediaResult {
@@ -177,6 +185,29 @@ mod tests {
         let job_metadata = json::from_struct(execution.jobs[0].metadata.as_ref().unwrap());
         assert_eq!(job_metadata, json!({"model": "minimax"}));
         assert_eq!(execution.progress.unwrap().progress, 100.0);
+    }
+
+    #[test]
+    fn a_size_beyond_int64_is_kept_as_it_came_not_clamped() {
+        for size in [
+            json!(10_000_000_000_000_000_000u64),
+            json!(1e19),
+            json!(-1e19),
+        ] {
+            let execution = convert(json!({
+                "id": "x", "status": "completed", "result": {"url": "u", "size": size}
+            }));
+            let result = execution.result.unwrap();
+            assert_eq!(result.size, None, "{size}");
+            assert_eq!(
+                json::from_struct(result.metadata.as_ref().unwrap())["size"].as_f64(),
+                size.as_f64()
+            );
+        }
+        let whole_float = convert(json!({
+            "id": "x", "status": "completed", "result": {"url": "u", "size": 2048.0}
+        }));
+        assert_eq!(whole_float.result.unwrap().size, Some(2048));
     }
 
     #[test]
