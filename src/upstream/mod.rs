@@ -18,7 +18,6 @@ pub mod model;
 use std::{future::Future, pin::Pin, time::Duration};
 
 use reqwest::{StatusCode, Url, header};
-use serde::Deserialize;
 
 use crate::{credential::Credential, execution_id::ExecutionId, trace_context::TraceContext};
 pub use model::{JobBody, StatusBody};
@@ -276,15 +275,24 @@ fn error_for(
     }
 }
 
-/// The most useful text of an error body: `message`, else `error`.
+/// The most useful text of an error body: `message`, else `error`. A field that is not a
+/// string (an object or a list of validation problems, say) is passed on as its JSON text
+/// rather than costing the other field, or the whole message.
 fn error_message(body: &[u8]) -> Option<String> {
-    #[derive(Deserialize)]
-    struct ErrorBody {
-        error: Option<String>,
-        message: Option<String>,
-    }
-    let parsed: ErrorBody = serde_json::from_slice(body).ok()?;
-    parsed.message.or(parsed.error)
+    let serde_json::Value::Object(fields) = serde_json::from_slice(body).ok()? else {
+        return None;
+    };
+    let text = |key: &str| fields.get(key).and_then(|v| v.as_str()).map(str::to_owned);
+    let json = |key: &str| {
+        fields
+            .get(key)
+            .filter(|v| !v.is_null())
+            .map(|v| v.to_string())
+    };
+    text("message")
+        .or_else(|| text("error"))
+        .or_else(|| json("message"))
+        .or_else(|| json("error"))
 }
 
 fn retry_after(headers: &header::HeaderMap) -> Option<Duration> {
@@ -343,6 +351,32 @@ mod tests {
         };
         assert!(!message.contains("sy_live_0"), "{message}");
         assert!(message.ends_with('…'), "still cut: {message}");
+    }
+
+    #[test]
+    fn error_fields_that_are_not_strings_do_not_cost_the_message() {
+        let message_of = |body: &str| match error_for(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            body.as_bytes(),
+            None,
+            &key(),
+        ) {
+            UpstreamError::ServerError { message, .. } => message,
+            other => panic!("{other:?}"),
+        };
+        assert_eq!(
+            message_of(r#"{"error":"Database unavailable","message":{"retry":true}}"#),
+            "Database unavailable"
+        );
+        assert_eq!(
+            message_of(r#"{"error":{"code":"DB","detail":"pool exhausted"}}"#),
+            r#"{"code":"DB","detail":"pool exhausted"}"#
+        );
+        assert_eq!(
+            message_of(r#"{"message":null,"error":null}"#),
+            "Internal Server Error"
+        );
+        assert_eq!(message_of("[1]"), "Internal Server Error");
     }
 
     #[test]
