@@ -517,3 +517,39 @@ async fn an_unreadable_body_that_echoes_a_long_string_still_gives_a_short_unavai
         status.message().len()
     );
 }
+
+#[tokio::test]
+async fn a_huge_retry_after_is_passed_on_capped_not_crashing_the_poller() {
+    let limited =
+        r#"{"error":"Rate Limit Exceeded","message":"Usage limit","code":"RATE_LIMIT_EXCEEDED"}"#;
+    for retry_after in ["18446744073709551615", "99999999999999999999999"] {
+        let upstream = ScriptedUpstream::start(429, &[("retry-after", retry_after)], limited).await;
+        let gateway = gateway(upstream_config(&upstream.base_url()), None).await;
+        let client = common::client(&gateway).await;
+
+        for _ in 0..2 {
+            let status = get(&client, Some(ALICE), "exec_abc123").await.unwrap_err();
+            assert_eq!(
+                status.code(),
+                Code::ResourceExhausted,
+                "{retry_after}: {status:?}"
+            );
+            assert_eq!(reason(&status), "UPSTREAM_RATE_LIMITED");
+            let delay = status
+                .get_details_retry_info()
+                .unwrap()
+                .retry_delay
+                .unwrap();
+            assert!(
+                delay > Duration::from_secs(86_400 * 365 * 1000)
+                    && delay <= tonic_types::RetryInfo::MAX_RETRY_DELAY,
+                "{retry_after}: {delay:?}"
+            );
+        }
+        assert_eq!(
+            upstream.seen().len(),
+            1,
+            "the second call waits out the limit"
+        );
+    }
+}

@@ -295,9 +295,18 @@ fn error_message(body: &[u8]) -> Option<String> {
         .or_else(|| json("error"))
 }
 
+/// The longest `Retry-After` passed on: the longest delay google.rpc.RetryInfo can carry
+/// (about 10,000 years). Longer values, even beyond u64, are read as this one: they still
+/// mean "not any time soon", and a delay near u64::MAX seconds overflows an `Instant`.
+const MAX_RETRY_AFTER_SECS: u64 = 315_576_000_000;
+
 fn retry_after(headers: &header::HeaderMap) -> Option<Duration> {
     let seconds = headers.get(header::RETRY_AFTER)?.to_str().ok()?.trim();
-    seconds.parse::<u64>().ok().map(Duration::from_secs)
+    if seconds.is_empty() || !seconds.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    let seconds = seconds.parse::<u64>().unwrap_or(u64::MAX);
+    Some(Duration::from_secs(seconds.min(MAX_RETRY_AFTER_SECS)))
 }
 
 fn truncate(text: &str, max_chars: usize) -> String {
@@ -430,6 +439,30 @@ mod tests {
             parse_status_body(br#"{"id":"exec_other","status":"pending"}"#, &asked).unwrap_err();
         assert!(matches!(err, UpstreamError::Malformed(text) if text.contains("exec_other")));
         assert!(parse_status_body(b"not json", &asked).is_err());
+    }
+
+    #[test]
+    fn retry_after_is_read_in_seconds_and_capped() {
+        let read = |value: &str| {
+            let mut headers = header::HeaderMap::new();
+            headers.insert(header::RETRY_AFTER, value.parse().unwrap());
+            retry_after(&headers)
+        };
+        assert_eq!(read("0"), Some(Duration::ZERO));
+        assert_eq!(read(" 120 "), Some(Duration::from_secs(120)));
+        let max = Some(Duration::from_secs(MAX_RETRY_AFTER_SECS));
+        assert_eq!(read("18446744073709551615"), max);
+        assert_eq!(read("99999999999999999999999"), max);
+        for junk in [
+            "-5",
+            "+5",
+            "1.5",
+            "soon",
+            "",
+            "Wed, 21 Oct 2026 07:28:00 GMT",
+        ] {
+            assert_eq!(read(junk), None, "{junk:?}");
+        }
     }
 
     #[test]
