@@ -73,10 +73,50 @@ impl Credential {
     }
 
     /// `text` with every occurrence of the key replaced, for text that came from elsewhere
-    /// (an upstream error message could echo the key it refused).
+    /// (an upstream error message could echo the key it refused). An echo is matched in any
+    /// letter case and with any of its bytes percent-encoded (`%2F` or `%2f`), as a service
+    /// that normalises or URL-encodes what it quotes would write it.
     pub fn redact(&self, text: &str) -> String {
-        text.replace(&*self.key, "<redacted>")
+        let key = self.key.as_bytes();
+        let mut redacted = String::with_capacity(text.len());
+        let mut rest = text;
+        while let Some(c) = rest.chars().next() {
+            match echo_len(rest.as_bytes(), key).filter(|&n| rest.is_char_boundary(n)) {
+                Some(n) => {
+                    redacted.push_str("<redacted>");
+                    rest = &rest[n..];
+                }
+                None => {
+                    redacted.push(c);
+                    rest = &rest[c.len_utf8()..];
+                }
+            }
+        }
+        redacted
     }
+}
+
+/// The length of the echo of `key` that `text` starts with, if it does: each key byte as it
+/// is (ASCII letters in either case) or as `%XX`.
+fn echo_len(text: &[u8], key: &[u8]) -> Option<usize> {
+    let mut at = 0;
+    for &expected in key {
+        let found = *text.get(at)?;
+        if found.eq_ignore_ascii_case(&expected) {
+            at += 1;
+        } else if found == b'%'
+            && text
+                .get(at + 1..at + 3)
+                .filter(|hex| hex.iter().all(u8::is_ascii_hexdigit))
+                .and_then(|hex| u8::from_str_radix(std::str::from_utf8(hex).ok()?, 16).ok())
+                .is_some_and(|byte| byte.eq_ignore_ascii_case(&expected))
+        {
+            at += 3;
+        } else {
+            return None;
+        }
+    }
+    Some(at)
 }
 
 impl fmt::Debug for Credential {
@@ -140,6 +180,26 @@ mod tests {
             credential.redact("key sy_live_secret is inactive"),
             "key <redacted> is inactive"
         );
+    }
+
+    #[test]
+    fn redacts_echoes_in_another_case_or_percent_encoded() {
+        let credential = Credential::new("sy_live_Ab/+9=").unwrap();
+        for echo in [
+            "SY_LIVE_AB/+9=",
+            "sy_live_ab/+9=",
+            "sy_live_Ab%2F%2B9%3D",
+            "sy_live_Ab%2f%2b9%3d",
+            "sy%5Flive_Ab/%2B9=",
+        ] {
+            assert_eq!(
+                credential.redact(&format!("key «{echo}» is inactive")),
+                "key «<redacted>» is inactive",
+                "{echo}"
+            );
+        }
+        assert_eq!(credential.redact("sy_live_Ab/+9"), "sy_live_Ab/+9");
+        assert_eq!(credential.redact("%2"), "%2");
     }
 
     #[test]

@@ -17,6 +17,14 @@ use crate::{
     upstream::{JobBody, StatusBody},
 };
 
+/// 2^63: whole doubles in `-I64_BOUND..I64_BOUND` convert to i64 exactly.
+const I64_BOUND: f64 = 9_223_372_036_854_775_808.0;
+
+/// The seconds a google.protobuf.Timestamp may hold: 0001-01-01T00:00:00Z to
+/// 9999-12-31T23:59:59Z. prost parses years beyond them (`+010000-01-01T00:00:00Z`, as
+/// JavaScript writes year 10000), which other languages' runtimes refuse to read.
+const TIMESTAMP_SECONDS: std::ops::RangeInclusive<i64> = -62_135_596_800..=253_402_300_799;
+
 /// The state for an upstream status text; unknown text maps to `Unspecified`.
 pub fn state_of(upstream_status: &str) -> ExecutionState {
     match upstream_status {
@@ -88,8 +96,8 @@ fn timestamp_or_keep(
     match value? {
         Value::Null => None,
         Value::String(text) => match Timestamp::from_str(&text) {
-            Ok(timestamp) => Some(timestamp),
-            Err(_) => {
+            Ok(timestamp) if TIMESTAMP_SECONDS.contains(&timestamp.seconds) => Some(timestamp),
+            _ => {
                 extra.insert(key.to_owned(), Value::String(text));
                 None
             }
@@ -119,8 +127,13 @@ fn media_result_or_keep(value: Value, extra: &mut Map<String, Value>) -> Option<
     let format = take_text("format").unwrap_or_default();
     let duration = json::take_if(&mut fields, "duration", Value::as_f64);
     let size = json::take_if(&mut fields, "size", |v| {
-        v.as_i64()
-            .or_else(|| v.as_f64().filter(|f| f.fract() == 0.0).map(|f| f as i64))
+        v.as_i64().or_else(|| {
+            // `as` would saturate a whole number beyond i64 to i64::MAX: such a value stays
+            // in metadata as it came instead.
+            v.as_f64()
+                .filter(|f| f.fract() == 0.0 && (-I64_BOUND..I64_BOUND).contains(f))
+                .map(|f| f as i64)
+        })
     });
 
     Some(MediaResult {
@@ -177,6 +190,64 @@ mod tests {
         let job_metadata = json::from_struct(execution.jobs[0].metadata.as_ref().unwrap());
         assert_eq!(job_metadata, json!({"model": "minimax"}));
         assert_eq!(execution.progress.unwrap().progress, 100.0);
+    }
+
+    #[test]
+    fn a_size_beyond_int64_is_kept_as_it_came_not_clamped() {
+        for size in [
+            json!(10_000_000_000_000_000_000u64),
+            json!(1e19),
+            json!(-1e19),
+        ] {
+            let execution = convert(json!({
+                "id": "x", "status": "completed", "result": {"url": "u", "size": size}
+            }));
+            let result = execution.result.unwrap();
+            assert_eq!(result.size, None, "{size}");
+            assert_eq!(
+                json::from_struct(result.metadata.as_ref().unwrap())["size"].as_f64(),
+                size.as_f64()
+            );
+        }
+        let whole_float = convert(json!({
+            "id": "x", "status": "completed", "result": {"url": "u", "size": 2048.0}
+        }));
+        assert_eq!(whole_float.result.unwrap().size, Some(2048));
+    }
+
+    #[test]
+    fn timestamps_in_any_rfc3339_form_parse_and_out_of_range_ones_are_kept() {
+        let created =
+            |text: &str| convert(json!({"id": "x", "status": "pending", "createdAt": text}));
+        for (text, seconds, nanos) in [
+            ("2026-01-15T10:29:12Z", 1_768_472_952, 0),
+            ("2026-01-15T10:29:12.123Z", 1_768_472_952, 123_000_000),
+            ("2026-01-15T12:29:12.123+02:00", 1_768_472_952, 123_000_000),
+            ("0001-01-01T00:00:00Z", -62_135_596_800, 0),
+            (
+                "9999-12-31T23:59:59.999999999Z",
+                253_402_300_799,
+                999_999_999,
+            ),
+        ] {
+            let time = created(text)
+                .create_time
+                .unwrap_or_else(|| panic!("{text}"));
+            assert_eq!((time.seconds, time.nanos), (seconds, nanos), "{text}");
+        }
+        for text in [
+            "+010000-01-01T00:00:00.000Z",
+            "0000-12-31T23:59:59Z",
+            "-000001-01-01T00:00:00.000Z",
+            "9999-12-31T23:59:59-01:00",
+        ] {
+            let execution = created(text);
+            assert_eq!(execution.create_time, None, "{text}");
+            assert_eq!(
+                json::from_struct(execution.metadata.as_ref().unwrap()),
+                json!({"createdAt": text})
+            );
+        }
     }
 
     #[test]

@@ -495,3 +495,61 @@ async fn the_callers_trace_context_reaches_the_upstream_and_junk_does_not() {
         upstream.seen()
     );
 }
+
+#[tokio::test]
+async fn an_unreadable_body_that_echoes_a_long_string_still_gives_a_short_unavailable() {
+    // serde_json quotes a string of the wrong type whole in its error text; a body within
+    // the size cap must not turn into a status message of tens of kilobytes.
+    let body = format!(
+        r#"{{"id":"exec_abc123","status":"pending","jobs":"{}"}}"#,
+        "x".repeat(60_000)
+    );
+    let upstream = ScriptedUpstream::start(200, &[], &body).await;
+    let gateway = gateway(upstream_config(&upstream.base_url()), None).await;
+    let client = common::client(&gateway).await;
+
+    let status = get(&client, Some(ALICE), "exec_abc123").await.unwrap_err();
+    assert_eq!(status.code(), Code::Unavailable, "{status:.300?}");
+    assert_eq!(reason(&status), "UPSTREAM_MALFORMED_RESPONSE");
+    assert!(
+        status.message().len() < 1_000,
+        "message of {} bytes",
+        status.message().len()
+    );
+}
+
+#[tokio::test]
+async fn a_huge_retry_after_is_passed_on_capped_not_crashing_the_poller() {
+    let limited =
+        r#"{"error":"Rate Limit Exceeded","message":"Usage limit","code":"RATE_LIMIT_EXCEEDED"}"#;
+    for retry_after in ["18446744073709551615", "99999999999999999999999"] {
+        let upstream = ScriptedUpstream::start(429, &[("retry-after", retry_after)], limited).await;
+        let gateway = gateway(upstream_config(&upstream.base_url()), None).await;
+        let client = common::client(&gateway).await;
+
+        for _ in 0..2 {
+            let status = get(&client, Some(ALICE), "exec_abc123").await.unwrap_err();
+            assert_eq!(
+                status.code(),
+                Code::ResourceExhausted,
+                "{retry_after}: {status:?}"
+            );
+            assert_eq!(reason(&status), "UPSTREAM_RATE_LIMITED");
+            let delay = status
+                .get_details_retry_info()
+                .unwrap()
+                .retry_delay
+                .unwrap();
+            assert!(
+                delay > Duration::from_secs(86_400 * 365 * 1000)
+                    && delay <= tonic_types::RetryInfo::MAX_RETRY_DELAY,
+                "{retry_after}: {delay:?}"
+            );
+        }
+        assert_eq!(
+            upstream.seen().len(),
+            1,
+            "the second call waits out the limit"
+        );
+    }
+}

@@ -18,7 +18,6 @@ pub mod model;
 use std::{future::Future, pin::Pin, time::Duration};
 
 use reqwest::{StatusCode, Url, header};
-use serde::Deserialize;
 
 use crate::{credential::Credential, execution_id::ExecutionId, trace_context::TraceContext};
 pub use model::{JobBody, StatusBody};
@@ -228,8 +227,11 @@ impl StatusSource for UpstreamClient {
 
 /// Parses a 200 body and checks that it describes the execution asked for.
 fn parse_status_body(body: &[u8], asked: &ExecutionId) -> Result<StatusBody, UpstreamError> {
-    let parsed: StatusBody =
-        serde_json::from_slice(body).map_err(|err| UpstreamError::Malformed(err.to_string()))?;
+    // serde_json quotes a mistyped string whole in its error, so the text is cut like an
+    // upstream message: a status message of tens of kilobytes breaks the caller's HTTP/2
+    // connection instead of reaching it.
+    let parsed: StatusBody = serde_json::from_slice(body)
+        .map_err(|err| UpstreamError::Malformed(truncate(&err.to_string(), MAX_MESSAGE_CHARS)))?;
     if parsed.id != asked.as_str() {
         return Err(UpstreamError::Malformed(format!(
             "asked for execution {asked:?} but the answer describes {:?}",
@@ -247,8 +249,10 @@ fn error_for(
     retry_after: Option<Duration>,
     credential: &Credential,
 ) -> UpstreamError {
+    // Redact before cutting: a key that straddles the cut would otherwise leave its
+    // first characters in the message.
     let message = match error_message(body) {
-        Some(text) => credential.redact(&text),
+        Some(text) => truncate(&credential.redact(&text), MAX_MESSAGE_CHARS),
         None => status.canonical_reason().unwrap_or("no message").to_owned(),
     };
     match status.as_u16() {
@@ -271,21 +275,38 @@ fn error_for(
     }
 }
 
-/// The most useful text of an error body: `message`, else `error`.
+/// The most useful text of an error body: `message`, else `error`. A field that is not a
+/// string (an object or a list of validation problems, say) is passed on as its JSON text
+/// rather than costing the other field, or the whole message.
 fn error_message(body: &[u8]) -> Option<String> {
-    #[derive(Deserialize)]
-    struct ErrorBody {
-        error: Option<String>,
-        message: Option<String>,
-    }
-    let parsed: ErrorBody = serde_json::from_slice(body).ok()?;
-    let text = parsed.message.or(parsed.error)?;
-    Some(truncate(&text, MAX_MESSAGE_CHARS))
+    let serde_json::Value::Object(fields) = serde_json::from_slice(body).ok()? else {
+        return None;
+    };
+    let text = |key: &str| fields.get(key).and_then(|v| v.as_str()).map(str::to_owned);
+    let json = |key: &str| {
+        fields
+            .get(key)
+            .filter(|v| !v.is_null())
+            .map(|v| v.to_string())
+    };
+    text("message")
+        .or_else(|| text("error"))
+        .or_else(|| json("message"))
+        .or_else(|| json("error"))
 }
+
+/// The longest `Retry-After` passed on: the longest delay google.rpc.RetryInfo can carry
+/// (about 10,000 years). Longer values, even beyond u64, are read as this one: they still
+/// mean "not any time soon", and a delay near u64::MAX seconds overflows an `Instant`.
+const MAX_RETRY_AFTER_SECS: u64 = 315_576_000_000;
 
 fn retry_after(headers: &header::HeaderMap) -> Option<Duration> {
     let seconds = headers.get(header::RETRY_AFTER)?.to_str().ok()?.trim();
-    seconds.parse::<u64>().ok().map(Duration::from_secs)
+    if seconds.is_empty() || !seconds.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    let seconds = seconds.parse::<u64>().unwrap_or(u64::MAX);
+    Some(Duration::from_secs(seconds.min(MAX_RETRY_AFTER_SECS)))
 }
 
 fn truncate(text: &str, max_chars: usize) -> String {
@@ -325,6 +346,46 @@ mod tests {
                 message: "key <redacted> is inactive".into()
             }
         );
+    }
+
+    #[test]
+    fn a_key_cut_by_the_length_limit_leaves_no_part_behind() {
+        let credential = Credential::new("sy_live_0123456789abcdef").unwrap();
+        let padding = "x".repeat(MAX_MESSAGE_CHARS - 10);
+        let body = format!(r#"{{"message":"{padding} sy_live_0123456789abcdef is inactive"}}"#);
+        let UpstreamError::Unauthenticated { message } =
+            error_for(StatusCode::UNAUTHORIZED, body.as_bytes(), None, &credential)
+        else {
+            panic!("not Unauthenticated");
+        };
+        assert!(!message.contains("sy_live_0"), "{message}");
+        assert!(message.ends_with('…'), "still cut: {message}");
+    }
+
+    #[test]
+    fn error_fields_that_are_not_strings_do_not_cost_the_message() {
+        let message_of = |body: &str| match error_for(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            body.as_bytes(),
+            None,
+            &key(),
+        ) {
+            UpstreamError::ServerError { message, .. } => message,
+            other => panic!("{other:?}"),
+        };
+        assert_eq!(
+            message_of(r#"{"error":"Database unavailable","message":{"retry":true}}"#),
+            "Database unavailable"
+        );
+        assert_eq!(
+            message_of(r#"{"error":{"code":"DB","detail":"pool exhausted"}}"#),
+            r#"{"code":"DB","detail":"pool exhausted"}"#
+        );
+        assert_eq!(
+            message_of(r#"{"message":null,"error":null}"#),
+            "Internal Server Error"
+        );
+        assert_eq!(message_of("[1]"), "Internal Server Error");
     }
 
     #[test]
@@ -378,6 +439,30 @@ mod tests {
             parse_status_body(br#"{"id":"exec_other","status":"pending"}"#, &asked).unwrap_err();
         assert!(matches!(err, UpstreamError::Malformed(text) if text.contains("exec_other")));
         assert!(parse_status_body(b"not json", &asked).is_err());
+    }
+
+    #[test]
+    fn retry_after_is_read_in_seconds_and_capped() {
+        let read = |value: &str| {
+            let mut headers = header::HeaderMap::new();
+            headers.insert(header::RETRY_AFTER, value.parse().unwrap());
+            retry_after(&headers)
+        };
+        assert_eq!(read("0"), Some(Duration::ZERO));
+        assert_eq!(read(" 120 "), Some(Duration::from_secs(120)));
+        let max = Some(Duration::from_secs(MAX_RETRY_AFTER_SECS));
+        assert_eq!(read("18446744073709551615"), max);
+        assert_eq!(read("99999999999999999999999"), max);
+        for junk in [
+            "-5",
+            "+5",
+            "1.5",
+            "soon",
+            "",
+            "Wed, 21 Oct 2026 07:28:00 GMT",
+        ] {
+            assert_eq!(read(junk), None, "{junk:?}");
+        }
     }
 
     #[test]
