@@ -43,7 +43,7 @@ use std::{
 use lru::LruCache;
 use tokio::{
     sync::{Notify, Semaphore, watch},
-    time::{Instant, sleep, sleep_until},
+    time::{Instant, sleep_until},
 };
 use tracing::{Instrument, debug, debug_span, info_span, warn};
 
@@ -691,15 +691,27 @@ impl Poller {
     /// Waits up to `linger` with no watchers. Returns false, having left the registry, when
     /// still nobody watches; true when someone came back.
     async fn linger(&self) -> bool {
-        tokio::select! {
-            () = sleep(self.inner.settings.linger) => {}
-            () = self.handle.refresh.notify.notified() => {
-                // A reader came back and wants a fetch: keep the request for the caller.
-                self.handle.refresh.notify.notify_one();
+        let until = Instant::now() + self.inner.settings.linger;
+        // A refresh asked for while nobody watches (a webhook) does not end the linger; it is
+        // kept for a watcher that comes back.
+        let mut asked = false;
+        loop {
+            tokio::select! {
+                () = sleep_until(until) => break,
+                () = self.handle.refresh.notify.notified() => {
+                    asked = true;
+                    if self.handle.updates.receiver_count() > 0 {
+                        break;
+                    }
+                }
             }
         }
         let mut pollers = self.inner.lock_pollers();
         if self.handle.updates.receiver_count() > 0 {
+            if asked {
+                // Keep the request for the poll loop.
+                self.handle.refresh.notify.notify_one();
+            }
             return true;
         }
         self.leave(&mut pollers);
@@ -770,6 +782,7 @@ mod tests {
     use std::{collections::VecDeque, future::Future, pin::Pin};
 
     use serde_json::json;
+    use tokio::time::sleep;
 
     use super::*;
     use crate::upstream::StatusBody;
@@ -978,6 +991,28 @@ mod tests {
         let _back = registry.watch(&alice(), &id("e1"));
         sleep(Duration::from_secs(10)).await;
         assert_eq!(registry.active_pollers(), 1);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_webhook_during_the_linger_does_not_cut_it_short() {
+        let source = ScriptedSource::new(vec![body("processing", 0)]);
+        let registry = Registry::new(source.clone(), settings());
+        let mut watcher = registry.watch(&alice(), &id("e1"));
+        next_revision(&mut watcher, 0).await;
+        drop(watcher);
+
+        sleep(Duration::from_millis(500)).await;
+        assert_eq!(registry.refresh_execution(&id("e1")), 1);
+        sleep(Duration::from_millis(500)).await;
+        assert_eq!(registry.active_pollers(), 1, "still lingering");
+
+        // A reader back within the linger finds the poller, and its snapshot.
+        let fetches = source.fetches();
+        let mut back = registry.watch(&alice(), &id("e1"));
+        assert!(back.updates.borrow_and_update().snapshot.is_some());
+        sleep(Duration::from_secs(3)).await;
+        assert_eq!(registry.active_pollers(), 1);
+        assert!(source.fetches() > fetches, "polling resumed");
     }
 
     #[tokio::test(start_paused = true)]
