@@ -1,11 +1,15 @@
 //! One `WatchExecution` stream: a task that forwards an execution's poller state to one
 //! client.
 //!
-//! The task sits between the poller's `watch` channel and a one-slot `mpsc` channel that
-//! tonic drains into the HTTP/2 stream. When the client reads slowly, the task waits on the
-//! slot while the poller keeps publishing; once the slot frees, the task sends whatever is
-//! newest. Intermediate revisions are skipped this way, never the final one, because the
-//! final state is the last value the poller publishes.
+//! The task sits between the poller's `watch` channel and a two-slot `mpsc` channel that
+//! tonic drains into the HTTP/2 stream. The task queues a snapshot only when both slots are
+//! free, so at most one snapshot waits and the other slot stays free for the status that
+//! ends the stream. When the client reads slowly, the task waits for the queue to empty
+//! while the poller keeps publishing; then it sends whatever is newest. Intermediate
+//! revisions are skipped this way, never the final one, because the final state is the last
+//! value the poller publishes. The deadline and a drain end the stream even while the task
+//! waits: the status goes into the free slot, so ending never waits on a client that does
+//! not read.
 //!
 //! The task ends, and with it the stream, when the execution ends (OK), when the poller
 //! stops for a reason that maps to a status, when the client goes away (the task notices
@@ -32,11 +36,16 @@ use crate::{
 /// What the task sends into the response stream.
 pub type StreamItem = Result<WatchExecutionResponse, Status>;
 
+/// The capacity of the response channel: one snapshot waiting for the client, and room for
+/// the status that ends the stream.
+pub const RESPONSE_SLOTS: usize = 2;
+
 /// One watch stream, before it runs.
 #[derive(Debug)]
 pub struct WatchStream {
     pub execution_id: ExecutionId,
     pub watcher: Watcher,
+    /// Needs room for two items ([`RESPONSE_SLOTS`]): a snapshot and the final status.
     pub responses: mpsc::Sender<StreamItem>,
     /// The revision the client saw last; nothing equal to it is sent.
     pub last_sent: u64,
@@ -77,7 +86,7 @@ impl WatchStream {
                 Some(false) => {}
                 None => return,
             }
-            if let Step::Done = self.finish_if_ended(&state).await {
+            if let Step::Done = self.finish_if_ended(&state) {
                 return;
             }
 
@@ -98,10 +107,10 @@ impl WatchStream {
                     debug!("watcher left");
                     return;
                 }
-                Wake::Draining => return self.fail(CallError::ShuttingDown).await,
-                Wake::DeadlinePassed => return self.fail(CallError::DeadlineExceeded).await,
+                Wake::Draining => return self.fail(CallError::ShuttingDown),
+                Wake::DeadlinePassed => return self.fail(CallError::DeadlineExceeded),
                 // The poller is gone without publishing an end: it failed.
-                Wake::PollerGone => return self.fail(CallError::Interrupted).await,
+                Wake::PollerGone => return self.fail(CallError::Interrupted),
                 Wake::Quiet => {
                     if let Some(snapshot) = &state.snapshot
                         && !self.send(snapshot, true).await
@@ -115,7 +124,7 @@ impl WatchStream {
     }
 
     /// Sends the state's snapshot if the client has not seen it. `Some(sent)`, or `None`
-    /// when the client is gone.
+    /// when the stream is over.
     async fn publish(&mut self, state: &PollState) -> Option<bool> {
         let Some(snapshot) = &state.snapshot else {
             return Some(false);
@@ -132,36 +141,54 @@ impl WatchStream {
 
     /// Ends the stream when the poller has ended: OK for an ended execution, the mapped
     /// status otherwise.
-    async fn finish_if_ended(&self, state: &PollState) -> Step {
+    fn finish_if_ended(&self, state: &PollState) -> Step {
         let Some(end) = &state.end else {
             return Step::Continue;
         };
         match end {
             PollEnd::Ended => debug!("execution ended; closing the stream"),
-            PollEnd::Refused(err) => self.fail(CallError::Upstream(err.clone())).await,
-            PollEnd::Outage { lasted, last } => {
-                self.fail(CallError::UpstreamOutage {
-                    lasted: *lasted,
-                    last: last.clone(),
-                })
-                .await
-            }
+            PollEnd::Refused(err) => self.fail(CallError::Upstream(err.clone())),
+            PollEnd::Outage { lasted, last } => self.fail(CallError::UpstreamOutage {
+                lasted: *lasted,
+                last: last.clone(),
+            }),
         }
         Step::Done
     }
 
-    async fn send(&self, snapshot: &Execution, heartbeat: bool) -> bool {
-        let response = WatchExecutionResponse {
+    /// Sends a snapshot once the client has taken the previous one. `false` when the stream
+    /// is over instead: the client left, or the deadline or a drain came first.
+    async fn send(&mut self, snapshot: &Execution, heartbeat: bool) -> bool {
+        let room = tokio::select! {
+            // A client that reads gets its snapshot even when the deadline is also due.
+            biased;
+            room = self.responses.reserve_many(RESPONSE_SLOTS) => Ok(room),
+            // An error means the gateway itself is gone: treat it as a drain.
+            _ = self.draining.wait_for(|draining| *draining) => Err(CallError::ShuttingDown),
+            () = sleep_until_option(self.deadline) => Err(CallError::DeadlineExceeded),
+        };
+        let room = match room {
+            Ok(room) => room,
+            Err(err) => {
+                self.fail(err);
+                return false;
+            }
+        };
+        let Some(slot) = room.ok().and_then(|mut room| room.next()) else {
+            return false;
+        };
+        slot.send(Ok(WatchExecutionResponse {
             execution: Some(snapshot.clone()),
             heartbeat,
-        };
-        self.responses.send(Ok(response)).await.is_ok()
+        }));
+        true
     }
 
-    /// Ends the stream with the status of `err`, logged once here.
-    async fn fail(&self, err: CallError) {
+    /// Ends the stream with the status of `err`, logged once here. It never waits: `send`
+    /// leaves a slot free for it.
+    fn fail(&self, err: CallError) {
         let status = err.report(Some(&self.execution_id));
-        let _ = self.responses.send(Err(status)).await;
+        let _ = self.responses.try_send(Err(status));
     }
 }
 
