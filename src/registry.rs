@@ -57,6 +57,10 @@ use crate::{
     upstream::{StatusSource, UpstreamError},
 };
 
+/// The longest `Retry-After` honoured as sent. Longer ones are read as this: it stops polling
+/// just as well, and keeps the arithmetic on instants and delays from overflowing.
+const MAX_RETRY_AFTER: Duration = Duration::from_secs(24 * 3600);
+
 /// How the pollers pace themselves.
 #[derive(Debug, Clone)]
 pub struct PollSettings {
@@ -652,8 +656,9 @@ impl Poller {
             ..
         } = &err
         {
-            self.delay = self.delay.max(*wait);
-            self.not_before = Some(now + *wait);
+            let wait = (*wait).min(MAX_RETRY_AFTER);
+            self.delay = self.delay.max(wait);
+            self.not_before = Some(now + wait);
         }
         let not_before = self.not_before;
         self.handle.updates.send_modify(|state| {
@@ -1116,6 +1121,33 @@ mod tests {
         assert!(
             left > Duration::from_secs(14) && left < Duration::from_secs(16),
             "{left:?}"
+        );
+        assert_eq!(source.fetches(), 1);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_absurd_retry_after_is_a_rate_limit_not_a_crash() {
+        let limited = Err(UpstreamError::RateLimited {
+            message: "slow down".into(),
+            retry_after: Some(Duration::from_secs(u64::MAX)),
+        });
+        let source = ScriptedSource::new(vec![limited]);
+        let registry = Registry::new(source.clone(), settings());
+        let error = registry.get(&alice(), &id("e1")).await.unwrap_err();
+        assert!(
+            matches!(
+                error,
+                ReadError::Upstream(UpstreamError::RateLimited { .. })
+            ),
+            "{error:?}"
+        );
+        let again = registry.get(&alice(), &id("e1")).await.unwrap_err();
+        assert!(
+            matches!(
+                again,
+                ReadError::Upstream(UpstreamError::RateLimited { .. })
+            ),
+            "{again:?}"
         );
         assert_eq!(source.fetches(), 1);
     }
