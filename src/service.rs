@@ -313,6 +313,35 @@ mod tests {
     }
 
     #[tokio::test(start_paused = true)]
+    async fn a_slow_reader_gets_the_newest_snapshot_when_it_reads() {
+        let (api, registry, _draining) = api();
+        let mut stream = api
+            .watch_execution(watch_request(None))
+            .await
+            .unwrap()
+            .into_inner();
+        let first = stream.next().await.unwrap().unwrap();
+
+        // The execution changes several times while the client does not read.
+        sleep(Duration::from_secs(10)).await;
+        let newest = registry.watch(
+            &Credential::new("sy_test_alice").unwrap(),
+            &ExecutionId::parse("exec_1").unwrap(),
+        );
+        let newest = newest.updates.borrow().snapshot.as_ref().unwrap().revision;
+        let revision =
+            |item: Option<StreamItem>| item.unwrap().unwrap().execution.unwrap().revision;
+        let mut seen = vec![first.execution.unwrap().revision];
+        while seen.last() != Some(&newest) {
+            seen.push(revision(stream.next().await));
+            assert!(
+                seen.len() <= 3,
+                "stale snapshots before the newest: {seen:?}"
+            );
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
     async fn a_drain_ends_a_watch_nobody_reads() {
         let (api, registry, draining) = api();
         let mut stream = api

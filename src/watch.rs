@@ -80,11 +80,12 @@ impl WatchStream {
     pub async fn run(mut self) {
         let mut quiet_until = Instant::now() + self.heartbeat_interval;
         loop {
-            let state = self.watcher.updates.borrow_and_update().clone();
-            match self.publish(&state).await {
-                Some(true) => quiet_until = Instant::now() + self.heartbeat_interval,
-                Some(false) => {}
+            let (state, sent) = match self.publish().await {
+                Some(published) => published,
                 None => return,
+            };
+            if sent {
+                quiet_until = Instant::now() + self.heartbeat_interval;
             }
             if let Step::Done = self.finish_if_ended(&state) {
                 return;
@@ -112,10 +113,14 @@ impl WatchStream {
                 // The poller is gone without publishing an end: it failed.
                 Wake::PollerGone => return self.fail(CallError::Interrupted),
                 Wake::Quiet => {
-                    if let Some(snapshot) = &state.snapshot
-                        && !self.send(snapshot, true).await
-                    {
-                        return;
+                    if let Some(snapshot) = &state.snapshot {
+                        let room = room(&self.responses, &mut self.draining, self.deadline);
+                        let slot = match room.await {
+                            Ok(Some(slot)) => slot,
+                            Ok(None) => return,
+                            Err(err) => return self.fail(err),
+                        };
+                        slot.send(message(snapshot, true));
                     }
                     quiet_until = Instant::now() + self.heartbeat_interval;
                 }
@@ -123,20 +128,36 @@ impl WatchStream {
         }
     }
 
-    /// Sends the state's snapshot if the client has not seen it. `Some(sent)`, or `None`
-    /// when the stream is over.
-    async fn publish(&mut self, state: &PollState) -> Option<bool> {
-        let Some(snapshot) = &state.snapshot else {
-            return Some(false);
+    /// Sends the newest snapshot if the client has not seen it, and returns the state acted
+    /// on and whether it was sent; `None` when the stream is over.
+    async fn publish(&mut self) -> Option<(PollState, bool)> {
+        let state = self.watcher.updates.borrow_and_update().clone();
+        let unseen = state
+            .snapshot
+            .as_ref()
+            .is_some_and(|snapshot| snapshot.revision != self.last_sent);
+        if !unseen {
+            return Some((state, false));
+        }
+        let room = room(&self.responses, &mut self.draining, self.deadline);
+        let slot = match room.await {
+            Ok(Some(slot)) => slot,
+            Ok(None) => return None,
+            Err(err) => {
+                self.fail(err);
+                return None;
+            }
         };
-        if snapshot.revision == self.last_sent {
-            return Some(false);
-        }
-        if !self.send(snapshot, false).await {
-            return None;
-        }
+        // Room comes when the client has read what was sent before, which can take long:
+        // what is newest now goes out, not what was newest when the wait began.
+        let state = self.watcher.updates.borrow_and_update().clone();
+        let snapshot = state
+            .snapshot
+            .as_ref()
+            .expect("a snapshot, once there, stays");
+        slot.send(message(snapshot, false));
         self.last_sent = snapshot.revision;
-        Some(true)
+        Some((state, true))
     }
 
     /// Ends the stream when the poller has ended: OK for an ended execution, the mapped
@@ -156,40 +177,39 @@ impl WatchStream {
         Step::Done
     }
 
-    /// Sends a snapshot once the client has taken the previous one. `false` when the stream
-    /// is over instead: the client left, or the deadline or a drain came first.
-    async fn send(&mut self, snapshot: &Execution, heartbeat: bool) -> bool {
-        let room = tokio::select! {
-            // A client that reads gets its snapshot even when the deadline is also due.
-            biased;
-            room = self.responses.reserve_many(RESPONSE_SLOTS) => Ok(room),
-            // An error means the gateway itself is gone: treat it as a drain.
-            _ = self.draining.wait_for(|draining| *draining) => Err(CallError::ShuttingDown),
-            () = sleep_until_option(self.deadline) => Err(CallError::DeadlineExceeded),
-        };
-        let room = match room {
-            Ok(room) => room,
-            Err(err) => {
-                self.fail(err);
-                return false;
-            }
-        };
-        let Some(slot) = room.ok().and_then(|mut room| room.next()) else {
-            return false;
-        };
-        slot.send(Ok(WatchExecutionResponse {
-            execution: Some(snapshot.clone()),
-            heartbeat,
-        }));
-        true
-    }
-
     /// Ends the stream with the status of `err`, logged once here. It never waits: `send`
     /// leaves a slot free for it.
     fn fail(&self, err: CallError) {
         let status = err.report(Some(&self.execution_id));
         let _ = self.responses.try_send(Err(status));
     }
+}
+
+/// Waits until the client has taken what was sent before, and returns a slot for the next
+/// message; the other slot stays free for the status that ends the stream. `Ok(None)` when
+/// the client left, `Err` when the deadline or a drain came first.
+async fn room<'a>(
+    responses: &'a mpsc::Sender<StreamItem>,
+    draining: &mut watch::Receiver<bool>,
+    deadline: Option<Instant>,
+) -> Result<Option<mpsc::Permit<'a, StreamItem>>, CallError> {
+    tokio::select! {
+        // A client that reads gets its snapshot even when the deadline is also due.
+        biased;
+        room = responses.reserve_many(RESPONSE_SLOTS) => {
+            Ok(room.ok().and_then(|mut room| room.next()))
+        }
+        // An error means the gateway itself is gone: treat it as a drain.
+        _ = draining.wait_for(|draining| *draining) => Err(CallError::ShuttingDown),
+        () = sleep_until_option(deadline) => Err(CallError::DeadlineExceeded),
+    }
+}
+
+fn message(snapshot: &Execution, heartbeat: bool) -> StreamItem {
+    Ok(WatchExecutionResponse {
+        execution: Some(snapshot.clone()),
+        heartbeat,
+    })
 }
 
 async fn sleep_until_option(deadline: Option<Instant>) {
