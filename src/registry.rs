@@ -43,7 +43,7 @@ use std::{
 use lru::LruCache;
 use tokio::{
     sync::{Notify, Semaphore, watch},
-    time::{Instant, sleep, sleep_until},
+    time::{Instant, sleep_until},
 };
 use tracing::{Instrument, debug, debug_span, info_span, warn};
 
@@ -54,7 +54,7 @@ use crate::{
     metrics::{CacheHit, GaugeGuard, Metrics},
     proto::Execution,
     trace_context::{self, TraceContext},
-    upstream::{StatusSource, UpstreamError},
+    upstream::{MAX_RETRY_AFTER, StatusSource, UpstreamError},
 };
 
 /// How the pollers pace themselves.
@@ -652,8 +652,10 @@ impl Poller {
             ..
         } = &err
         {
-            self.delay = self.delay.max(*wait);
-            self.not_before = Some(now + *wait);
+            // The HTTP client caps it already; other sources are held to the same limit.
+            let wait = (*wait).min(MAX_RETRY_AFTER);
+            self.delay = self.delay.max(wait);
+            self.not_before = Some(now + wait);
         }
         let not_before = self.not_before;
         self.handle.updates.send_modify(|state| {
@@ -691,15 +693,27 @@ impl Poller {
     /// Waits up to `linger` with no watchers. Returns false, having left the registry, when
     /// still nobody watches; true when someone came back.
     async fn linger(&self) -> bool {
-        tokio::select! {
-            () = sleep(self.inner.settings.linger) => {}
-            () = self.handle.refresh.notify.notified() => {
-                // A reader came back and wants a fetch: keep the request for the caller.
-                self.handle.refresh.notify.notify_one();
+        let until = Instant::now() + self.inner.settings.linger;
+        // A refresh asked for while nobody watches (a webhook) does not end the linger; it is
+        // kept for a watcher that comes back.
+        let mut asked = false;
+        loop {
+            tokio::select! {
+                () = sleep_until(until) => break,
+                () = self.handle.refresh.notify.notified() => {
+                    asked = true;
+                    if self.handle.updates.receiver_count() > 0 {
+                        break;
+                    }
+                }
             }
         }
         let mut pollers = self.inner.lock_pollers();
         if self.handle.updates.receiver_count() > 0 {
+            if asked {
+                // Keep the request for the poll loop.
+                self.handle.refresh.notify.notify_one();
+            }
             return true;
         }
         self.leave(&mut pollers);
@@ -770,6 +784,7 @@ mod tests {
     use std::{collections::VecDeque, future::Future, pin::Pin};
 
     use serde_json::json;
+    use tokio::time::sleep;
 
     use super::*;
     use crate::upstream::StatusBody;
@@ -981,6 +996,28 @@ mod tests {
     }
 
     #[tokio::test(start_paused = true)]
+    async fn a_webhook_during_the_linger_does_not_cut_it_short() {
+        let source = ScriptedSource::new(vec![body("processing", 0)]);
+        let registry = Registry::new(source.clone(), settings());
+        let mut watcher = registry.watch(&alice(), &id("e1"));
+        next_revision(&mut watcher, 0).await;
+        drop(watcher);
+
+        sleep(Duration::from_millis(500)).await;
+        assert_eq!(registry.refresh_execution(&id("e1")), 1);
+        sleep(Duration::from_millis(500)).await;
+        assert_eq!(registry.active_pollers(), 1, "still lingering");
+
+        // A reader back within the linger finds the poller, and its snapshot.
+        let fetches = source.fetches();
+        let mut back = registry.watch(&alice(), &id("e1"));
+        assert!(back.updates.borrow_and_update().snapshot.is_some());
+        sleep(Duration::from_secs(3)).await;
+        assert_eq!(registry.active_pollers(), 1);
+        assert!(source.fetches() > fetches, "polling resumed");
+    }
+
+    #[tokio::test(start_paused = true)]
     async fn two_credentials_never_share_a_poller() {
         let source = ScriptedSource::new(vec![body("processing", 0)]);
         let registry = Registry::new(source, settings());
@@ -1081,6 +1118,33 @@ mod tests {
         assert!(
             left > Duration::from_secs(14) && left < Duration::from_secs(16),
             "{left:?}"
+        );
+        assert_eq!(source.fetches(), 1);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_absurd_retry_after_is_a_rate_limit_not_a_crash() {
+        let limited = Err(UpstreamError::RateLimited {
+            message: "slow down".into(),
+            retry_after: Some(Duration::from_secs(u64::MAX)),
+        });
+        let source = ScriptedSource::new(vec![limited]);
+        let registry = Registry::new(source.clone(), settings());
+        let error = registry.get(&alice(), &id("e1")).await.unwrap_err();
+        assert!(
+            matches!(
+                error,
+                ReadError::Upstream(UpstreamError::RateLimited { .. })
+            ),
+            "{error:?}"
+        );
+        let again = registry.get(&alice(), &id("e1")).await.unwrap_err();
+        assert!(
+            matches!(
+                again,
+                ReadError::Upstream(UpstreamError::RateLimited { .. })
+            ),
+            "{again:?}"
         );
         assert_eq!(source.fetches(), 1);
     }

@@ -31,7 +31,7 @@ use crate::{
     registry::Registry,
     server::ConnectionInfo,
     trace_context::{self, TraceContext},
-    watch::{StreamItem, WatchStream},
+    watch::{RESPONSE_SLOTS, StreamItem, WatchStream},
 };
 
 /// How much of a caller's deadline is kept back to answer DEADLINE_EXCEEDED in time.
@@ -171,7 +171,7 @@ impl ExecutionStatusApi {
             return Err(CallError::TooManyWatches { limit }.report(Some(&execution_id)));
         };
 
-        let (responses, stream) = mpsc::channel(1);
+        let (responses, stream) = mpsc::channel(RESPONSE_SLOTS);
         let task = WatchStream {
             watcher: self
                 .registry
@@ -233,7 +233,162 @@ fn grpc_timeout(metadata: &MetadataMap) -> Option<Duration> {
 
 #[cfg(test)]
 mod tests {
+    use std::{
+        future::Future,
+        pin::Pin,
+        sync::atomic::{AtomicUsize, Ordering},
+    };
+
+    use serde_json::json;
+    use tokio::time::sleep;
+    use tokio_stream::StreamExt;
+    use tonic::Code;
+
     use super::*;
+    use crate::{
+        registry::PollSettings,
+        upstream::{StatusBody, StatusSource, UpstreamError},
+    };
+
+    /// An execution that changes on every read.
+    #[derive(Default)]
+    struct Changing(AtomicUsize);
+
+    impl StatusSource for Changing {
+        fn fetch_status<'a>(
+            &'a self,
+            _: &'a Credential,
+            execution_id: &'a ExecutionId,
+            _: Option<&'a TraceContext>,
+        ) -> Pin<Box<dyn Future<Output = Result<StatusBody, UpstreamError>> + Send + 'a>> {
+            let n = self.0.fetch_add(1, Ordering::SeqCst);
+            let jobs: Vec<_> = (0..4)
+                .map(|i| {
+                    let status = if i < n % 4 { "completed" } else { "pending" };
+                    json!({"id": format!("job{i}"), "operation": "generate", "status": status})
+                })
+                .collect();
+            let body =
+                json!({"id": execution_id.to_string(), "status": "processing", "jobs": jobs});
+            Box::pin(async move { Ok(serde_json::from_value(body).unwrap()) })
+        }
+    }
+
+    fn api() -> (ExecutionStatusApi, Registry, watch::Sender<bool>) {
+        let poll = PollSettings {
+            interval: Duration::from_secs(1),
+            linger: Duration::from_secs(1),
+            ..PollSettings::default()
+        };
+        let registry = Registry::new(Arc::new(Changing::default()), poll);
+        let (draining, draining_receiver) = watch::channel(false);
+        let settings = ServiceSettings {
+            fallback_credential: Credential::new("sy_test_alice"),
+            heartbeat_interval: Duration::from_secs(5),
+            max_watch_streams: 1,
+            unary_timeout: Duration::from_secs(5),
+            max_connection_age: None,
+            max_connection_age_grace: None,
+        };
+        let api = ExecutionStatusApi::new(registry.clone(), settings, draining_receiver);
+        (api, registry, draining)
+    }
+
+    fn watch_request(timeout: Option<&str>) -> Request<WatchExecutionRequest> {
+        let mut request = Request::new(WatchExecutionRequest {
+            execution_id: "exec_1".into(),
+            last_revision: 0,
+        });
+        if let Some(timeout) = timeout {
+            request
+                .metadata_mut()
+                .insert("grpc-timeout", timeout.parse().unwrap());
+        }
+        request
+    }
+
+    /// Reads what the client finally gets: some snapshots, then the status.
+    async fn final_status(stream: &mut ReceiverStream<StreamItem>) -> Status {
+        let mut last = None;
+        while let Some(item) = stream.next().await {
+            last = Some(item);
+        }
+        last.expect("a status").expect_err("an error status")
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_watch_nobody_reads_still_ends_at_its_deadline_and_frees_everything() {
+        let (api, registry, _draining) = api();
+        let mut stream = api
+            .watch_execution(watch_request(Some("10S")))
+            .await
+            .unwrap()
+            .into_inner();
+
+        // The client stops reading while the execution keeps changing.
+        sleep(Duration::from_secs(30)).await;
+        assert_eq!(
+            registry.active_pollers(),
+            0,
+            "the stream let go of its poller"
+        );
+        let again = api.watch_execution(watch_request(None)).await;
+        assert!(again.is_ok(), "the stream gave its place back");
+        drop(again);
+
+        let status = final_status(&mut stream).await;
+        assert_eq!(status.code(), Code::DeadlineExceeded, "{status:?}");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_slow_reader_gets_the_newest_snapshot_when_it_reads() {
+        let (api, registry, _draining) = api();
+        let mut stream = api
+            .watch_execution(watch_request(None))
+            .await
+            .unwrap()
+            .into_inner();
+        let first = stream.next().await.unwrap().unwrap();
+
+        // The execution changes several times while the client does not read.
+        sleep(Duration::from_secs(10)).await;
+        let newest = registry.watch(
+            &Credential::new("sy_test_alice").unwrap(),
+            &ExecutionId::parse("exec_1").unwrap(),
+        );
+        let newest = newest.updates.borrow().snapshot.as_ref().unwrap().revision;
+        let revision =
+            |item: Option<StreamItem>| item.unwrap().unwrap().execution.unwrap().revision;
+        let mut seen = vec![first.execution.unwrap().revision];
+        while seen.last() != Some(&newest) {
+            seen.push(revision(stream.next().await));
+            assert!(
+                seen.len() <= 3,
+                "stale snapshots before the newest: {seen:?}"
+            );
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_drain_ends_a_watch_nobody_reads() {
+        let (api, registry, draining) = api();
+        let mut stream = api
+            .watch_execution(watch_request(None))
+            .await
+            .unwrap()
+            .into_inner();
+        sleep(Duration::from_secs(10)).await;
+
+        draining.send_replace(true);
+        sleep(Duration::from_secs(5)).await;
+        assert_eq!(
+            registry.active_pollers(),
+            0,
+            "the stream let go of its poller"
+        );
+        let status = final_status(&mut stream).await;
+        assert_eq!(status.code(), Code::Unavailable, "{status:?}");
+    }
 
     fn with_timeout(value: &str) -> MetadataMap {
         let mut metadata = MetadataMap::new();

@@ -295,10 +295,11 @@ fn error_message(body: &[u8]) -> Option<String> {
         .or_else(|| json("error"))
 }
 
-/// The longest `Retry-After` passed on: the longest delay google.rpc.RetryInfo can carry
-/// (about 10,000 years). Longer values, even beyond u64, are read as this one: they still
-/// mean "not any time soon", and a delay near u64::MAX seconds overflows an `Instant`.
-const MAX_RETRY_AFTER_SECS: u64 = 315_576_000_000;
+/// The longest `Retry-After` honoured, by the pollers and in the RetryInfo passed on.
+/// Longer values, even beyond u64, are read as this one: they still mean "not any time
+/// soon", a day is long enough to stop polling, and a delay near u64::MAX seconds would
+/// overflow an `Instant`.
+pub const MAX_RETRY_AFTER: Duration = Duration::from_secs(24 * 3600);
 
 fn retry_after(headers: &header::HeaderMap) -> Option<Duration> {
     let seconds = headers.get(header::RETRY_AFTER)?.to_str().ok()?.trim();
@@ -306,7 +307,7 @@ fn retry_after(headers: &header::HeaderMap) -> Option<Duration> {
         return None;
     }
     let seconds = seconds.parse::<u64>().unwrap_or(u64::MAX);
-    Some(Duration::from_secs(seconds.min(MAX_RETRY_AFTER_SECS)))
+    Some(Duration::from_secs(seconds).min(MAX_RETRY_AFTER))
 }
 
 fn truncate(text: &str, max_chars: usize) -> String {
@@ -450,7 +451,7 @@ mod tests {
         };
         assert_eq!(read("0"), Some(Duration::ZERO));
         assert_eq!(read(" 120 "), Some(Duration::from_secs(120)));
-        let max = Some(Duration::from_secs(MAX_RETRY_AFTER_SECS));
+        let max = Some(MAX_RETRY_AFTER);
         assert_eq!(read("18446744073709551615"), max);
         assert_eq!(read("99999999999999999999999"), max);
         for junk in [
