@@ -21,7 +21,7 @@ use synthome_gateway::{
 use tokio::time::Instant;
 use tokio_stream::StreamExt;
 use tonic::{
-    Code, Request,
+    Code, Request, Streaming,
     transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity},
 };
 use tonic_health::pb::{
@@ -73,6 +73,34 @@ fn slow_execution(simulator: &RunningSimulator) -> String {
         .simulator
         .create_execution(ALICE, json!({"executionPlan": {"jobs": jobs}}))
         .unwrap()
+}
+
+/// A watch from a client that grants no flow-control window: nothing can be sent to it,
+/// not even the status that would end its stream.
+async fn stuck_watch(gateway: &RunningGateway, id: &str) -> Streaming<WatchExecutionResponse> {
+    let stuck_channel = Endpoint::from_shared(gateway.uri())
+        .unwrap()
+        .initial_stream_window_size(Some(0))
+        .connect()
+        .await
+        .unwrap();
+    ExecutionStatusServiceClient::new(stuck_channel)
+        .watch_execution(watch_request(id))
+        .await
+        .unwrap()
+        .into_inner()
+}
+
+/// Settings under which connections age after 300 ms, then have `grace`.
+fn aging_connections(grace: Duration) -> GatewaySettings {
+    GatewaySettings {
+        limits: Limits {
+            max_connection_age: Some(Duration::from_millis(300)),
+            max_connection_age_grace: Some(grace),
+            ..Limits::default()
+        },
+        ..GatewaySettings::default()
+    }
 }
 
 async fn check(channel: &Channel, service: &str) -> Result<ServingStatus, tonic::Status> {
@@ -470,16 +498,7 @@ async fn drain_ends_watches_turns_not_serving_and_stops_despite_a_stuck_client()
 
     // A stuck client grants no flow-control window: nothing can be sent to it, not even
     // the status that ends its stream, so only the grace can end the drain.
-    let stuck_channel = Endpoint::from_shared(gateway.uri())
-        .unwrap()
-        .initial_stream_window_size(Some(0))
-        .connect()
-        .await
-        .unwrap();
-    let _stuck = ExecutionStatusServiceClient::new(stuck_channel)
-        .watch_execution(watch_request(&id))
-        .await
-        .unwrap();
+    let _stuck = stuck_watch(&gateway, &id).await;
 
     let mut client = ExecutionStatusServiceClient::new(channel(&gateway).await);
     let mut streams = Vec::new();
@@ -519,15 +538,7 @@ async fn drain_ends_watches_turns_not_serving_and_stops_despite_a_stuck_client()
 #[tokio::test]
 async fn watches_end_cleanly_when_their_connection_ages_and_the_client_reconnects() {
     let simulator = simulator().await;
-    let settings = GatewaySettings {
-        limits: Limits {
-            max_connection_age: Some(Duration::from_millis(300)),
-            max_connection_age_grace: Some(Duration::from_secs(5)),
-            ..Limits::default()
-        },
-        ..GatewaySettings::default()
-    };
-    let gateway = start(&simulator, settings).await;
+    let gateway = start(&simulator, aging_connections(Duration::from_secs(5))).await;
     let id = slow_execution(&simulator);
     let mut client = ExecutionStatusServiceClient::new(channel(&gateway).await);
 
@@ -580,30 +591,12 @@ async fn watches_end_cleanly_when_their_connection_ages_and_the_client_reconnect
 #[tokio::test]
 async fn a_connection_is_closed_at_its_age_and_grace_even_with_a_stuck_stream() {
     let simulator = simulator().await;
-    let settings = GatewaySettings {
-        limits: Limits {
-            max_connection_age: Some(Duration::from_millis(300)),
-            max_connection_age_grace: Some(Duration::from_millis(300)),
-            ..Limits::default()
-        },
-        ..GatewaySettings::default()
-    };
-    let gateway = start(&simulator, settings).await;
+    let gateway = start(&simulator, aging_connections(Duration::from_millis(300))).await;
     let id = slow_execution(&simulator);
 
     // A client that grants no flow-control window can be sent neither the first message
     // nor the status that would end its stream: only closing the connection ends it.
-    let stuck_channel = Endpoint::from_shared(gateway.uri())
-        .unwrap()
-        .initial_stream_window_size(Some(0))
-        .connect()
-        .await
-        .unwrap();
-    let mut stuck = ExecutionStatusServiceClient::new(stuck_channel)
-        .watch_execution(watch_request(&id))
-        .await
-        .unwrap()
-        .into_inner();
+    let mut stuck = stuck_watch(&gateway, &id).await;
     let end = tokio::time::timeout(Duration::from_secs(10), stuck.message())
         .await
         .expect("the connection is closed once its age and grace have passed");
