@@ -157,3 +157,24 @@ async fn sigterm_drains_open_watches_and_exits_zero() {
         .unwrap();
     assert!(exit.success(), "{exit:?}");
 }
+
+#[tokio::test]
+async fn health_exits_1_for_an_unknown_service_and_2_when_it_cannot_ask() {
+    let gateway = serve_simulated(&[]).await;
+
+    let serving = client("health", &gateway.addr, &[]).await;
+    assert_eq!(serving.status.code(), Some(0), "{serving:?}");
+    let unknown = client("health", &gateway.addr, &["--service", "no.such.Service"]).await;
+    assert_eq!(
+        unknown.status.code(),
+        Some(1),
+        "an answer that is not SERVING: {unknown:?}"
+    );
+
+    // Nothing listens on the port of a listener that was just closed.
+    let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = format!("http://{}", closed.local_addr().unwrap());
+    drop(closed);
+    let unreachable = client("health", &addr, &[]).await;
+    assert_eq!(unreachable.status.code(), Some(2), "{unreachable:?}");
+}
