@@ -178,3 +178,42 @@ async fn health_exits_1_for_an_unknown_service_and_2_when_it_cannot_ask() {
     let unreachable = client("health", &addr, &[]).await;
     assert_eq!(unreachable.status.code(), Some(2), "{unreachable:?}");
 }
+
+#[tokio::test]
+async fn sigterm_exits_within_the_grace_despite_a_stuck_operations_request() {
+    use tokio::io::AsyncWriteExt;
+
+    let mut gateway = serve_simulated(&["--shutdown-grace", "200ms"]).await;
+    // A webhook whose body never comes: its handler waits for it as long as the
+    // connection stays open.
+    let mut stuck = tokio::net::TcpStream::connect(&gateway.admin_addr)
+        .await
+        .unwrap();
+    stuck
+        .write_all(
+            b"POST /webhooks/synthome HTTP/1.1\r\nhost: gateway\r\n\
+              content-type: application/json\r\ncontent-length: 100\r\n\r\n{",
+        )
+        .await
+        .unwrap();
+    // The stuck connection has been accepted once a later one is answered: the listener
+    // accepts in order.
+    let metrics = reqwest::get(format!("http://{}/metrics", gateway.admin_addr))
+        .await
+        .unwrap();
+    assert_eq!(metrics.status(), 200);
+
+    let pid = gateway.process.id().expect("running").to_string();
+    let kill = tokio::process::Command::new("kill")
+        .args(["-TERM", &pid])
+        .status()
+        .await
+        .unwrap();
+    assert!(kill.success());
+    let exit = tokio::time::timeout(std::time::Duration::from_secs(15), gateway.process.wait())
+        .await
+        .expect("the drain is bounded by --shutdown-grace")
+        .unwrap();
+    assert!(exit.success(), "{exit:?}");
+    drop(stuck);
+}
