@@ -217,3 +217,40 @@ async fn sigterm_exits_within_the_grace_despite_a_stuck_operations_request() {
     assert!(exit.success(), "{exit:?}");
     drop(stuck);
 }
+
+#[tokio::test]
+async fn clients_use_tls_when_given_tls_flags_whatever_the_address_scheme() {
+    let pki = common::pki();
+    let dir = std::env::temp_dir().join(format!(
+        "synthome-gateway-cli-tls-{}-{}",
+        std::process::id(),
+        fastrand::u64(..)
+    ));
+    std::fs::create_dir_all(&dir).unwrap();
+    let write = |name: &str, pem: &str| {
+        let path = dir.join(name);
+        std::fs::write(&path, pem).unwrap();
+        path.to_str().unwrap().to_owned()
+    };
+    let (ca, cert, key) = (
+        write("ca.pem", &pki.ca),
+        write("server.pem", &pki.server.0),
+        write("server.key", &pki.server.1),
+    );
+    let gateway = serve_simulated(&["--tls-cert", &cert, "--tls-key", &key]).await;
+    let port = gateway.addr.rsplit(':').next().unwrap();
+
+    let https = format!("https://localhost:{port}");
+    let sample = &gateway.samples[0];
+    let status_https = client("status", &https, &[sample, "--tls-ca", &ca]).await;
+    assert!(status_https.status.success(), "{status_https:?}");
+
+    // The flag asks for TLS; an http:// address must not quietly send the call (and its
+    // key) in plaintext.
+    let http = format!("http://localhost:{port}");
+    let status_http = client("status", &http, &[sample, "--tls-ca", &ca]).await;
+    assert!(status_http.status.success(), "{status_http:?}");
+    let health = client("health", &http, &["--tls-ca", &ca]).await;
+    assert_eq!(health.status.code(), Some(0), "{health:?}");
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -5,9 +5,8 @@ mod common;
 
 use std::{sync::Arc, time::Duration};
 
-use common::{ALICE, fast_polling, job, serve_operations, upstream_config, with_key};
+use common::{ALICE, fast_polling, job, pki, serve_operations, upstream_config, with_key};
 use prost::Message;
-use rcgen::{BasicConstraints, CertificateParams, IsCa, Issuer, KeyPair};
 use serde_json::json;
 use synthome_gateway::{
     proto::{
@@ -287,35 +286,6 @@ async fn cors_is_closed_by_default_and_opens_to_configured_origins() {
         answer.headers()["access-control-allow-origin"],
         "https://dashboard.internal"
     );
-}
-
-/// A CA, a server certificate for localhost and a client certificate, all PEM.
-struct Pki {
-    ca: String,
-    server: (String, String),
-    client: (String, String),
-}
-
-fn pki() -> Pki {
-    let ca_key = KeyPair::generate().unwrap();
-    let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
-    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-    let ca = ca_params.self_signed(&ca_key).unwrap().pem();
-    let issuer = Issuer::new(ca_params, ca_key);
-
-    let issue = |name: &str| {
-        let key = KeyPair::generate().unwrap();
-        let cert = CertificateParams::new(vec![name.to_owned()])
-            .unwrap()
-            .signed_by(&key, &issuer)
-            .unwrap();
-        (cert.pem(), key.serialize_pem())
-    };
-    Pki {
-        ca,
-        server: issue("localhost"),
-        client: issue("synthome-client"),
-    }
 }
 
 async fn tls_get(
