@@ -579,3 +579,53 @@ async fn a_connection_is_closed_at_its_age_and_grace_even_with_a_stuck_stream() 
         .expect("the connection is closed once its age and grace have passed");
     assert!(end.is_err(), "{end:?}");
 }
+
+#[tokio::test]
+async fn watches_over_tls_end_when_their_connection_ages() {
+    let pki = pki();
+    let simulator = simulator().await;
+    let settings = GatewaySettings {
+        tls: Some(ServerTls {
+            certificate_chain: pki.server.0.clone().into_bytes(),
+            private_key: pki.server.1.clone().into_bytes(),
+            client_ca: None,
+        }),
+        limits: Limits {
+            max_connection_age: Some(Duration::from_millis(300)),
+            max_connection_age_grace: Some(Duration::from_secs(30)),
+            ..Limits::default()
+        },
+        ..GatewaySettings::default()
+    };
+    let gateway = start(&simulator, settings).await;
+    let id = slow_execution(&simulator);
+    let channel = Endpoint::from_shared(format!("https://localhost:{}", gateway.addr.port()))
+        .unwrap()
+        .tls_config(ClientTlsConfig::new().ca_certificate(Certificate::from_pem(&pki.ca)))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let mut stream = ExecutionStatusServiceClient::new(channel)
+        .watch_execution(watch_request(&id))
+        .await
+        .unwrap()
+        .into_inner();
+    let end = tokio::time::timeout(Duration::from_secs(20), async {
+        loop {
+            match stream.message().await {
+                Ok(Some(_)) => continue,
+                Ok(None) => return None,
+                Err(status) => return Some(status),
+            }
+        }
+    })
+    .await
+    .expect("the watch ends at its connection's age, long before the grace")
+    .expect("an aged watch does not end OK");
+    assert_eq!(end.code(), Code::Unavailable, "{end:?}");
+    assert_eq!(
+        end.get_details_error_info().unwrap().reason,
+        "CONNECTION_MAX_AGE"
+    );
+}
