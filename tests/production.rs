@@ -629,3 +629,32 @@ async fn watches_over_tls_end_when_their_connection_ages() {
         "CONNECTION_MAX_AGE"
     );
 }
+
+#[tokio::test]
+async fn a_unary_call_in_flight_finishes_during_the_drain() {
+    let simulator = simulator().await;
+    let id = slow_execution(&simulator);
+    let gateway = start(&simulator, GatewaySettings::default()).await;
+    let mut client = ExecutionStatusServiceClient::new(channel(&gateway).await);
+    simulator.simulator.set_faults(Faults {
+        latency_ms: 300,
+        ..Faults::default()
+    });
+    let call = tokio::spawn(async move {
+        client
+            .get_execution_status(with_key(GetExecutionStatusRequest { execution_id: id }))
+            .await
+    });
+    // The call is in flight once the simulator has been asked.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while gateway.registry.active_pollers() == 0 {
+        assert!(
+            Instant::now() < deadline,
+            "the call never reached the upstream"
+        );
+        tokio::task::yield_now().await;
+    }
+    gateway.shutdown().await.unwrap();
+    let answer = call.await.unwrap();
+    assert!(answer.is_ok(), "{answer:?}");
+}
