@@ -254,3 +254,22 @@ async fn clients_use_tls_when_given_tls_flags_whatever_the_address_scheme() {
     assert_eq!(health.status.code(), Some(0), "{health:?}");
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[tokio::test]
+async fn health_gives_up_at_its_timeout_on_a_gateway_that_never_answers() {
+    // Accepts connections and never says a word.
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = format!("http://{}", listener.local_addr().unwrap());
+    tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((stream, _)) = listener.accept().await {
+            held.push(stream);
+        }
+    });
+
+    let probe = client("health", &addr, &["--timeout", "300ms"]);
+    let output = tokio::time::timeout(std::time::Duration::from_secs(20), probe)
+        .await
+        .expect("the probe gives up by itself");
+    assert_eq!(output.status.code(), Some(2), "{output:?}");
+}
