@@ -658,3 +658,35 @@ async fn a_unary_call_in_flight_finishes_during_the_drain() {
     let answer = call.await.unwrap();
     assert!(answer.is_ok(), "{answer:?}");
 }
+
+#[tokio::test]
+async fn concurrency_per_connection_counts_a_watch_only_until_its_stream_opens() {
+    let simulator = simulator().await;
+    let settings = GatewaySettings {
+        limits: Limits {
+            concurrency_per_connection: Some(1),
+            ..Limits::default()
+        },
+        ..GatewaySettings::default()
+    };
+    let gateway = start(&simulator, settings).await;
+    let id = slow_execution(&simulator);
+    let mut client = ExecutionStatusServiceClient::new(channel(&gateway).await);
+    let mut streams = Vec::new();
+    for _ in 0..2 {
+        let mut stream = client
+            .watch_execution(watch_request(&id))
+            .await
+            .unwrap()
+            .into_inner();
+        stream.message().await.unwrap().unwrap();
+        streams.push(stream);
+    }
+    // As documented: open watches hold no slot, so a read on the same connection is
+    // answered (were they counted, it would wait for one to end and miss its deadline).
+    let mut read = with_key(GetExecutionStatusRequest {
+        execution_id: id.clone(),
+    });
+    read.set_timeout(Duration::from_secs(10));
+    client.get_execution_status(read).await.unwrap();
+}

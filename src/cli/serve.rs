@@ -109,7 +109,8 @@ pub struct LimitArgs {
     )]
     pub max_streams_per_connection: u32,
 
-    /// Requests served at once per connection, open watches included (none if unset).
+    /// Calls being answered at once per connection, none if unset. A watch counts until its
+    /// stream opens, not while it stays open: --max-streams-per-connection bounds those.
     #[arg(long, env = "SYNTHOME_GATEWAY_CONCURRENCY_PER_CONNECTION")]
     pub concurrency_per_connection: Option<usize>,
 
