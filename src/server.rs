@@ -30,8 +30,10 @@
 //! connection is closed whatever is still open on it (`AcceptedStream`). tonic's own grace
 //! is not used: with it, tonic closes the connection at age + grace without a GOAWAY.
 //!
-//! Limits: `concurrency_per_connection` counts open watch streams as well as unary calls,
-//! so set it well above the number of watches one client keeps on a connection.
+//! Limits: `concurrency_per_connection` (tower's concurrency limit, inside tonic) counts a
+//! call until its response starts: a unary call until it is answered, a watch only until
+//! its stream opens. Open watches are bounded by `max_streams_per_connection` and
+//! `max_watch_streams` instead.
 
 use std::{
     future::Future,
@@ -108,7 +110,8 @@ pub struct Limits {
     pub max_watch_streams: usize,
     /// HTTP/2 streams (calls and watches) one connection may have open at once.
     pub max_streams_per_connection: u32,
-    /// Requests served at once per connection, watches included; `None` for no limit.
+    /// Calls being answered at once per connection (a watch counts until its stream opens,
+    /// not while it is open); `None` for no limit.
     pub concurrency_per_connection: Option<usize>,
     /// The longest a unary call may take, whatever deadline the caller sent.
     pub unary_timeout: Duration,

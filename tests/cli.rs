@@ -157,3 +157,119 @@ async fn sigterm_drains_open_watches_and_exits_zero() {
         .unwrap();
     assert!(exit.success(), "{exit:?}");
 }
+
+#[tokio::test]
+async fn health_exits_1_for_an_unknown_service_and_2_when_it_cannot_ask() {
+    let gateway = serve_simulated(&[]).await;
+
+    let serving = client("health", &gateway.addr, &[]).await;
+    assert_eq!(serving.status.code(), Some(0), "{serving:?}");
+    let unknown = client("health", &gateway.addr, &["--service", "no.such.Service"]).await;
+    assert_eq!(
+        unknown.status.code(),
+        Some(1),
+        "an answer that is not SERVING: {unknown:?}"
+    );
+
+    // Nothing listens on the port of a listener that was just closed.
+    let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = format!("http://{}", closed.local_addr().unwrap());
+    drop(closed);
+    let unreachable = client("health", &addr, &[]).await;
+    assert_eq!(unreachable.status.code(), Some(2), "{unreachable:?}");
+}
+
+#[tokio::test]
+async fn sigterm_exits_within_the_grace_despite_a_stuck_operations_request() {
+    use tokio::io::AsyncWriteExt;
+
+    let mut gateway = serve_simulated(&["--shutdown-grace", "200ms"]).await;
+    // A webhook whose body never comes: its handler waits for it as long as the
+    // connection stays open.
+    let mut stuck = tokio::net::TcpStream::connect(&gateway.admin_addr)
+        .await
+        .unwrap();
+    stuck
+        .write_all(
+            b"POST /webhooks/synthome HTTP/1.1\r\nhost: gateway\r\n\
+              content-type: application/json\r\ncontent-length: 100\r\n\r\n{",
+        )
+        .await
+        .unwrap();
+    // The stuck connection has been accepted once a later one is answered: the listener
+    // accepts in order.
+    let metrics = reqwest::get(format!("http://{}/metrics", gateway.admin_addr))
+        .await
+        .unwrap();
+    assert_eq!(metrics.status(), 200);
+
+    let pid = gateway.process.id().expect("running").to_string();
+    let kill = tokio::process::Command::new("kill")
+        .args(["-TERM", &pid])
+        .status()
+        .await
+        .unwrap();
+    assert!(kill.success());
+    let exit = tokio::time::timeout(std::time::Duration::from_secs(15), gateway.process.wait())
+        .await
+        .expect("the drain is bounded by --shutdown-grace")
+        .unwrap();
+    assert!(exit.success(), "{exit:?}");
+    drop(stuck);
+}
+
+#[tokio::test]
+async fn clients_use_tls_when_given_tls_flags_whatever_the_address_scheme() {
+    let pki = common::pki();
+    let dir = std::env::temp_dir().join(format!(
+        "synthome-gateway-cli-tls-{}-{}",
+        std::process::id(),
+        fastrand::u64(..)
+    ));
+    std::fs::create_dir_all(&dir).unwrap();
+    let write = |name: &str, pem: &str| {
+        let path = dir.join(name);
+        std::fs::write(&path, pem).unwrap();
+        path.to_str().unwrap().to_owned()
+    };
+    let (ca, cert, key) = (
+        write("ca.pem", &pki.ca),
+        write("server.pem", &pki.server.0),
+        write("server.key", &pki.server.1),
+    );
+    let gateway = serve_simulated(&["--tls-cert", &cert, "--tls-key", &key]).await;
+    let port = gateway.addr.rsplit(':').next().unwrap();
+
+    let https = format!("https://localhost:{port}");
+    let sample = &gateway.samples[0];
+    let status_https = client("status", &https, &[sample, "--tls-ca", &ca]).await;
+    assert!(status_https.status.success(), "{status_https:?}");
+
+    // The flag asks for TLS; an http:// address must not quietly send the call (and its
+    // key) in plaintext.
+    let http = format!("http://localhost:{port}");
+    let status_http = client("status", &http, &[sample, "--tls-ca", &ca]).await;
+    assert!(status_http.status.success(), "{status_http:?}");
+    let health = client("health", &http, &["--tls-ca", &ca]).await;
+    assert_eq!(health.status.code(), Some(0), "{health:?}");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[tokio::test]
+async fn health_gives_up_at_its_timeout_on_a_gateway_that_never_answers() {
+    // Accepts connections and never says a word.
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = format!("http://{}", listener.local_addr().unwrap());
+    tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((stream, _)) = listener.accept().await {
+            held.push(stream);
+        }
+    });
+
+    let probe = client("health", &addr, &["--timeout", "300ms"]);
+    let output = tokio::time::timeout(std::time::Duration::from_secs(20), probe)
+        .await
+        .expect("the probe gives up by itself");
+    assert_eq!(output.status.code(), Some(2), "{output:?}");
+}

@@ -149,3 +149,22 @@ async fn demo_runs_to_an_expected_end_and_reports_the_saving() {
     assert!(summary.contains("face not detected"), "{summary}");
     assert!(summary.contains("ratio"), "{summary}");
 }
+
+#[tokio::test]
+async fn watch_with_a_key_that_cannot_be_sent_exits_2_not_as_a_failed_execution() {
+    let gateway = serve_simulated(&[]).await;
+
+    let output = client(
+        "watch",
+        &gateway.addr,
+        &[&gateway.samples[0], "--api-key", "sy_test_\u{7f}key"],
+    )
+    .await;
+
+    assert_eq!(output.status.code(), Some(2), "{output:?}");
+    let stderr = String::from_utf8(output.stderr).expect("UTF-8");
+    assert!(
+        !stderr.contains("sy_test_"),
+        "the key is not echoed: {stderr}"
+    );
+}

@@ -318,3 +318,74 @@ async fn webhooks_are_counted_by_result() {
     assert_eq!(webhooks("accepted"), 0.0);
     assert!(!scrape.0.contains("whsec_metrics_test"));
 }
+
+/// One gRPC-Web frame: flags byte, big-endian length, payload.
+fn grpc_web_frame(payload: &[u8]) -> Vec<u8> {
+    let mut frame = vec![0];
+    frame.extend_from_slice(&(payload.len() as u32).to_be_bytes());
+    frame.extend_from_slice(payload);
+    frame
+}
+
+#[tokio::test]
+async fn grpc_web_and_rejected_calls_are_counted_with_their_code() {
+    use prost::Message;
+    let setup = Setup::start().await;
+    let http = reqwest::Client::builder().http1_only().build().unwrap();
+    let web_call = |method: &str, body: Vec<u8>| {
+        http.post(format!("{}/{SERVICE}/{method}", setup.gateway.uri()))
+            .header("content-type", "application/grpc-web+proto")
+            .header("x-grpc-web", "1")
+            .header("authorization", format!("Bearer {ALICE}"))
+            .body(grpc_web_frame(&body))
+            .send()
+    };
+    let missing = GetExecutionStatusRequest {
+        execution_id: "NoSuchExecution00001".into(),
+    };
+    let answer = web_call("GetExecutionStatus", missing.encode_to_vec())
+        .await
+        .unwrap();
+    let _ = answer.bytes().await.unwrap();
+    let done = setup.execution(0);
+    let watch = WatchExecutionRequest {
+        execution_id: done,
+        last_revision: 0,
+    };
+    let answer = web_call("WatchExecution", watch.encode_to_vec())
+        .await
+        .unwrap();
+    let body = answer.bytes().await.unwrap();
+    assert!(String::from_utf8_lossy(&body).contains("grpc-status:0"));
+
+    let mut client = setup.client().await;
+    let huge = client
+        .get_execution_status(get_request(&"a".repeat(100_000)))
+        .await
+        .unwrap_err();
+    assert_eq!(huge.code(), Code::OutOfRange);
+
+    let scrape = setup
+        .scrape_until("every call counted", |scrape| {
+            scrape.rpcs("WatchExecution", "OK") == 1.0
+        })
+        .await;
+    assert_eq!(
+        scrape.rpcs("GetExecutionStatus", "NOT_FOUND"),
+        1.0,
+        "{}",
+        scrape.0
+    );
+    assert_eq!(
+        scrape.rpcs("GetExecutionStatus", "OUT_OF_RANGE"),
+        1.0,
+        "{}",
+        scrape.0
+    );
+    assert_eq!(
+        scrape.rpcs("WatchExecution", "CANCELLED"),
+        0.0,
+        "{}",
+        scrape.0
+    );
+}

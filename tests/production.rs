@@ -5,9 +5,8 @@ mod common;
 
 use std::{sync::Arc, time::Duration};
 
-use common::{ALICE, fast_polling, job, serve_operations, upstream_config, with_key};
+use common::{ALICE, fast_polling, job, pki, serve_operations, upstream_config, with_key};
 use prost::Message;
-use rcgen::{BasicConstraints, CertificateParams, IsCa, Issuer, KeyPair};
 use serde_json::json;
 use synthome_gateway::{
     proto::{
@@ -317,35 +316,6 @@ async fn cors_is_closed_by_default_and_opens_to_configured_origins() {
     );
 }
 
-/// A CA, a server certificate for localhost and a client certificate, all PEM.
-struct Pki {
-    ca: String,
-    server: (String, String),
-    client: (String, String),
-}
-
-fn pki() -> Pki {
-    let ca_key = KeyPair::generate().unwrap();
-    let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
-    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-    let ca = ca_params.self_signed(&ca_key).unwrap().pem();
-    let issuer = Issuer::new(ca_params, ca_key);
-
-    let issue = |name: &str| {
-        let key = KeyPair::generate().unwrap();
-        let cert = CertificateParams::new(vec![name.to_owned()])
-            .unwrap()
-            .signed_by(&key, &issuer)
-            .unwrap();
-        (cert.pem(), key.serialize_pem())
-    };
-    Pki {
-        ca,
-        server: issue("localhost"),
-        client: issue("synthome-client"),
-    }
-}
-
 async fn tls_get(
     gateway: &RunningGateway,
     tls: ClientTlsConfig,
@@ -601,4 +571,115 @@ async fn a_connection_is_closed_at_its_age_and_grace_even_with_a_stuck_stream() 
         .await
         .expect("the connection is closed once its age and grace have passed");
     assert!(end.is_err(), "{end:?}");
+}
+
+#[tokio::test]
+async fn watches_over_tls_end_when_their_connection_ages() {
+    let pki = pki();
+    let simulator = simulator().await;
+    let settings = GatewaySettings {
+        tls: Some(ServerTls {
+            certificate_chain: pki.server.0.clone().into_bytes(),
+            private_key: pki.server.1.clone().into_bytes(),
+            client_ca: None,
+        }),
+        limits: Limits {
+            max_connection_age: Some(Duration::from_millis(300)),
+            max_connection_age_grace: Some(Duration::from_secs(30)),
+            ..Limits::default()
+        },
+        ..GatewaySettings::default()
+    };
+    let gateway = start(&simulator, settings).await;
+    let id = slow_execution(&simulator);
+    let channel = Endpoint::from_shared(format!("https://localhost:{}", gateway.addr.port()))
+        .unwrap()
+        .tls_config(ClientTlsConfig::new().ca_certificate(Certificate::from_pem(&pki.ca)))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let mut stream = ExecutionStatusServiceClient::new(channel)
+        .watch_execution(watch_request(&id))
+        .await
+        .unwrap()
+        .into_inner();
+    let end = tokio::time::timeout(Duration::from_secs(20), async {
+        loop {
+            match stream.message().await {
+                Ok(Some(_)) => continue,
+                Ok(None) => return None,
+                Err(status) => return Some(status),
+            }
+        }
+    })
+    .await
+    .expect("the watch ends at its connection's age, long before the grace")
+    .expect("an aged watch does not end OK");
+    assert_eq!(end.code(), Code::Unavailable, "{end:?}");
+    assert_eq!(
+        end.get_details_error_info().unwrap().reason,
+        "CONNECTION_MAX_AGE"
+    );
+}
+
+#[tokio::test]
+async fn a_unary_call_in_flight_finishes_during_the_drain() {
+    let simulator = simulator().await;
+    let id = slow_execution(&simulator);
+    let gateway = start(&simulator, GatewaySettings::default()).await;
+    let mut client = ExecutionStatusServiceClient::new(channel(&gateway).await);
+    simulator.simulator.set_faults(Faults {
+        latency_ms: 300,
+        ..Faults::default()
+    });
+    let call = tokio::spawn(async move {
+        client
+            .get_execution_status(with_key(GetExecutionStatusRequest { execution_id: id }))
+            .await
+    });
+    // The call is in flight once the simulator has been asked.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while gateway.registry.active_pollers() == 0 {
+        assert!(
+            Instant::now() < deadline,
+            "the call never reached the upstream"
+        );
+        tokio::task::yield_now().await;
+    }
+    gateway.shutdown().await.unwrap();
+    let answer = call.await.unwrap();
+    assert!(answer.is_ok(), "{answer:?}");
+}
+
+#[tokio::test]
+async fn concurrency_per_connection_counts_a_watch_only_until_its_stream_opens() {
+    let simulator = simulator().await;
+    let settings = GatewaySettings {
+        limits: Limits {
+            concurrency_per_connection: Some(1),
+            ..Limits::default()
+        },
+        ..GatewaySettings::default()
+    };
+    let gateway = start(&simulator, settings).await;
+    let id = slow_execution(&simulator);
+    let mut client = ExecutionStatusServiceClient::new(channel(&gateway).await);
+    let mut streams = Vec::new();
+    for _ in 0..2 {
+        let mut stream = client
+            .watch_execution(watch_request(&id))
+            .await
+            .unwrap()
+            .into_inner();
+        stream.message().await.unwrap().unwrap();
+        streams.push(stream);
+    }
+    // As documented: open watches hold no slot, so a read on the same connection is
+    // answered (were they counted, it would wait for one to end and miss its deadline).
+    let mut read = with_key(GetExecutionStatusRequest {
+        execution_id: id.clone(),
+    });
+    read.set_timeout(Duration::from_secs(10));
+    client.get_execution_status(read).await.unwrap();
 }

@@ -142,11 +142,18 @@ impl GatewayArgs {
 
     /// One connection to `--addr`, with TLS when asked for, connected now.
     pub async fn channel(&self) -> Result<Channel, ClientError> {
-        let mut endpoint =
-            Endpoint::from_shared(self.addr.clone()).map_err(|_| ClientError::Address {
-                addr: self.addr.clone(),
-            })?;
-        if let Some(tls) = self.tls.config(&self.addr)? {
+        let tls = self.tls.config(&self.addr)?;
+        // tonic speaks TLS only to an `https://` URI, whatever TLS settings it is given: a
+        // `--tls-*` flag with an `http://` address would otherwise send the call, key
+        // included, in plaintext.
+        let uri = match (&tls, self.addr.strip_prefix("http://")) {
+            (Some(_), Some(rest)) => format!("https://{rest}"),
+            _ => self.addr.clone(),
+        };
+        let mut endpoint = Endpoint::from_shared(uri).map_err(|_| ClientError::Address {
+            addr: self.addr.clone(),
+        })?;
+        if let Some(tls) = tls {
             endpoint = endpoint
                 .tls_config(tls)
                 .map_err(|source| ClientError::Tls {

@@ -4,7 +4,7 @@
 use std::{error::Error, process::ExitCode, time::Duration};
 
 use clap::Args;
-use tonic::Request;
+use tonic::{Code, Request};
 use tonic_health::pb::{
     HealthCheckRequest, health_check_response::ServingStatus, health_client::HealthClient,
 };
@@ -51,6 +51,12 @@ pub(super) async fn run(args: HealthArgs) -> Result<ExitCode, Box<dyn Error>> {
             } else {
                 ExitCode::FAILURE
             })
+        }
+        // The health service answers NOT_FOUND for a service it does not know: an answer,
+        // just not SERVING.
+        Err(status) if status.code() == Code::NotFound => {
+            eprintln!("{}", describe_error(&status));
+            Ok(ExitCode::FAILURE)
         }
         Err(status) => {
             eprintln!("{}", describe_error(&status));

@@ -1,7 +1,8 @@
 //! `synthome-gateway serve`: the gateway itself, with its operations listener.
 //!
 //! Both listeners stop on one signal (SIGINT or SIGTERM). The gRPC server then drains
-//! within `--shutdown-grace` (see `crate::server`), and the process exits 0.
+//! within `--shutdown-grace` (see `crate::server`), the operations listener finishes its
+//! requests within the same grace, and the process exits 0.
 
 use std::{
     error::Error, net::SocketAddr, num::NonZeroUsize, path::PathBuf, sync::Arc, time::Duration,
@@ -108,7 +109,8 @@ pub struct LimitArgs {
     )]
     pub max_streams_per_connection: u32,
 
-    /// Requests served at once per connection, open watches included (none if unset).
+    /// Calls being answered at once per connection, none if unset. A watch counts until its
+    /// stream opens, not while it stays open: --max-streams-per-connection bounds those.
     #[arg(long, env = "SYNTHOME_GATEWAY_CONCURRENCY_PER_CONNECTION")]
     pub concurrency_per_connection: Option<usize>,
 
@@ -354,8 +356,20 @@ pub(super) async fn run(args: ServeArgs) -> Result<(), Box<dyn Error>> {
             grpc.await.map_err(Box::<dyn Error>::from)
         },
         async {
+            // axum's graceful shutdown waits for every request in flight, such as a webhook
+            // whose body never comes: bound it by the same grace as the gRPC drain.
             let http = admin::serve(admin_listener, operations, until_stopped(stopped.clone()));
-            http.await.map_err(Box::<dyn Error>::from)
+            let grace = args.shutdown_grace;
+            tokio::select! {
+                result = http => result.map_err(Box::<dyn Error>::from),
+                () = async {
+                    until_stopped(stopped.clone()).await;
+                    tokio::time::sleep(grace).await;
+                } => {
+                    warn!(?grace, "operations requests still open after the grace; closing them");
+                    Ok(())
+                }
+            }
         },
     )?;
     info!("gateway stopped");

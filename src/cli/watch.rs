@@ -82,10 +82,17 @@ pub(super) async fn run(args: WatchArgs) -> Result<ExitCode, Box<dyn Error>> {
             return Ok(ExitCode::from(EXIT_NO_FINAL_STATE));
         }
     };
-    let request = args.gateway.request(WatchExecutionRequest {
+    // Exit 1 means the execution failed: a call that cannot be made is a 2.
+    let request = match args.gateway.request(WatchExecutionRequest {
         execution_id: args.execution_id.clone(),
         last_revision: args.last_revision,
-    })?;
+    }) {
+        Ok(request) => request,
+        Err(err) => {
+            eprintln!("error: {err}");
+            return Ok(ExitCode::from(EXIT_NO_FINAL_STATE));
+        }
+    };
 
     let mut display = Display::new(args.json);
     let ending = follow(&mut client, request, |execution, heartbeat| {

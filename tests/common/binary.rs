@@ -15,12 +15,14 @@ pub struct SimulatedGateway {
     pub process: Child,
     /// The gRPC address, such as `http://127.0.0.1:40123`.
     pub addr: String,
+    /// The operations listener's address, such as `127.0.0.1:40124`.
+    pub admin_addr: String,
     /// The sample executions it started, in the simulator's order: the 4th fails.
     pub samples: Vec<String>,
 }
 
-/// Starts `serve --simulate` on free ports with `extra_args`, and reads the gRPC address
-/// and the sample execution ids from its log.
+/// Starts `serve --simulate` on free ports with `extra_args`, and reads both listeners'
+/// addresses and the sample execution ids from its log.
 pub async fn serve_simulated(extra_args: &[&str]) -> SimulatedGateway {
     let mut process = Command::new(BINARY)
         .args(["serve", "--simulate", "--listen", "127.0.0.1:0"])
@@ -36,17 +38,24 @@ pub async fn serve_simulated(extra_args: &[&str]) -> SimulatedGateway {
 
     let mut samples = Vec::new();
     let read_until_listening = async {
+        let (mut grpc, mut admin) = (None, None);
         while let Some(line) = lines.next_line().await.expect("stderr readable") {
             if let Some(id) = field(&line, "execution_id=") {
                 samples.push(id);
             }
             if line.contains("gRPC listening") {
-                return field(&line, "addr=").expect("address logged");
+                grpc = Some(field(&line, "addr=").expect("address logged"));
+            }
+            if line.contains("operations HTTP listening") {
+                admin = Some(field(&line, "addr=").expect("address logged"));
+            }
+            if let (Some(grpc), Some(admin)) = (&grpc, &admin) {
+                return (grpc.clone(), admin.clone());
             }
         }
         panic!("the gateway exited before listening");
     };
-    let addr = tokio::time::timeout(Duration::from_secs(30), read_until_listening)
+    let (addr, admin_addr) = tokio::time::timeout(Duration::from_secs(30), read_until_listening)
         .await
         .expect("the gateway listens within 30 s");
     // Keep draining stderr so the child never blocks on a full pipe.
@@ -54,6 +63,7 @@ pub async fn serve_simulated(extra_args: &[&str]) -> SimulatedGateway {
     SimulatedGateway {
         process,
         addr: format!("http://{addr}"),
+        admin_addr,
         samples,
     }
 }

@@ -15,6 +15,7 @@ use axum::{
     http::{HeaderMap, StatusCode, Uri},
     response::IntoResponse,
 };
+use rcgen::{BasicConstraints, CertificateParams, IsCa, Issuer, KeyPair};
 use serde_json::{Value, json};
 use synthome_gateway::{
     admin,
@@ -266,4 +267,33 @@ async fn answer(
             .insert(name, value.parse().expect("header value"));
     }
     response
+}
+
+/// A CA, a server certificate for localhost and a client certificate, all PEM.
+pub struct Pki {
+    pub ca: String,
+    pub server: (String, String),
+    pub client: (String, String),
+}
+
+pub fn pki() -> Pki {
+    let ca_key = KeyPair::generate().unwrap();
+    let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    let ca = ca_params.self_signed(&ca_key).unwrap().pem();
+    let issuer = Issuer::new(ca_params, ca_key);
+
+    let issue = |name: &str| {
+        let key = KeyPair::generate().unwrap();
+        let cert = CertificateParams::new(vec![name.to_owned()])
+            .unwrap()
+            .signed_by(&key, &issuer)
+            .unwrap();
+        (cert.pem(), key.serialize_pem())
+    };
+    Pki {
+        ca,
+        server: issue("localhost"),
+        client: issue("synthome-client"),
+    }
 }
