@@ -39,6 +39,9 @@ pub struct Health {
     reporter: HealthReporter,
     serving: Arc<AtomicBool>,
     draining: Arc<AtomicBool>,
+    /// Serialises changes of the reported status, so that a change decided just before a
+    /// drain cannot land after the drain's NOT_SERVING.
+    changing: Arc<tokio::sync::Mutex<()>>,
 }
 
 impl std::fmt::Debug for Health {
@@ -64,6 +67,7 @@ impl Health {
             reporter: HealthReporter::new(),
             serving: Arc::new(AtomicBool::new(true)),
             draining: Arc::new(AtomicBool::new(false)),
+            changing: Arc::default(),
         }
     }
 
@@ -83,7 +87,7 @@ impl Health {
 
     /// Turns NOT_SERVING for good: the gateway is shutting down.
     pub async fn drain(&self) {
-        self.draining.store(true, Ordering::Relaxed);
+        self.draining.store(true, Ordering::SeqCst);
         self.set(false).await;
     }
 
@@ -112,7 +116,8 @@ impl Health {
 
     /// Once draining, nothing turns the gateway SERVING again.
     async fn set(&self, serving: bool) {
-        let serving = serving && !self.draining.load(Ordering::Relaxed);
+        let _changing = self.changing.lock().await;
+        let serving = serving && !self.draining.load(Ordering::SeqCst);
         self.serving.store(serving, Ordering::Relaxed);
         let status = if serving {
             ServingStatus::Serving

@@ -9,7 +9,7 @@
 //! verified against `--tls-ca` (else the system's roots); `--tls-cert` and `--tls-key`
 //! present a client certificate for mutual TLS.
 
-use std::path::PathBuf;
+use std::{path::PathBuf, time::Duration};
 
 use clap::Args;
 use tonic::{
@@ -19,6 +19,10 @@ use tonic::{
 };
 
 use crate::proto::execution_status_service_client::ExecutionStatusServiceClient;
+
+/// How long the clients try to connect before giving up: a gateway that silently drops
+/// connection attempts would otherwise hold them for the system's TCP timeout (minutes).
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// The `--addr` and `--api-key` flags of the clients.
 #[derive(Debug, Clone, Args)]
@@ -162,6 +166,7 @@ impl GatewayArgs {
                 })?;
         }
         endpoint
+            .connect_timeout(CONNECT_TIMEOUT)
             .connect()
             .await
             .map_err(|source| ClientError::Unreachable {
