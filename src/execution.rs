@@ -23,7 +23,8 @@ const I64_BOUND: f64 = 9_223_372_036_854_775_808.0;
 /// The seconds a google.protobuf.Timestamp may hold: 0001-01-01T00:00:00Z to
 /// 9999-12-31T23:59:59Z. prost parses years beyond them (`+010000-01-01T00:00:00Z`, as
 /// JavaScript writes year 10000), which other languages' runtimes refuse to read.
-const TIMESTAMP_SECONDS: std::ops::RangeInclusive<i64> = -62_135_596_800..=253_402_300_799;
+pub(crate) const TIMESTAMP_SECONDS: std::ops::RangeInclusive<i64> =
+    -62_135_596_800..=253_402_300_799;
 
 /// The state for an upstream status text; unknown text maps to `Unspecified`.
 pub fn state_of(upstream_status: &str) -> ExecutionState {

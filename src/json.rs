@@ -3,27 +3,54 @@
 //!
 //! JSON numbers become doubles, as protobuf's `Value` has no integer kind; integers beyond
 //! 2^53 lose precision on the way, as they would in any JavaScript client.
+//!
+//! Protobuf decoders refuse messages nested more than 100 deep (prost, and the C++, Java
+//! and Python runtimes), and each JSON array costs two levels, each object three. An array
+//! or object deeper than [`MAX_DEPTH`] JSON levels is therefore carried as its JSON text, a
+//! string, so that every message the gateway sends can be decoded.
 
 use prost_types::{ListValue, Struct, Value, value::Kind};
 use serde_json::{Map, Value as Json};
 
+/// The deepest JSON nesting (arrays and objects) carried as protobuf structure. The values
+/// sit at most four messages deep (`Execution.result.metadata` fields), so 30 levels of
+/// objects stay below the decoders' limit of 100: 4 + 3 * 30 = 94.
+pub const MAX_DEPTH: usize = 30;
+
 pub fn to_value(json: Json) -> Value {
+    value_at(json, 0)
+}
+
+pub fn to_struct(map: Map<String, Json>) -> Struct {
+    struct_at(map, 1)
+}
+
+/// `json`, found inside `depth` arrays and objects.
+fn value_at(json: Json, depth: usize) -> Value {
     let kind = match json {
         Json::Null => Kind::NullValue(0),
         Json::Bool(flag) => Kind::BoolValue(flag),
         Json::Number(number) => Kind::NumberValue(number.as_f64().unwrap_or(f64::NAN)),
         Json::String(text) => Kind::StringValue(text),
+        nested if depth >= MAX_DEPTH => Kind::StringValue(nested.to_string()),
         Json::Array(items) => Kind::ListValue(ListValue {
-            values: items.into_iter().map(to_value).collect(),
+            values: items
+                .into_iter()
+                .map(|item| value_at(item, depth + 1))
+                .collect(),
         }),
-        Json::Object(map) => Kind::StructValue(to_struct(map)),
+        Json::Object(map) => Kind::StructValue(struct_at(map, depth + 1)),
     };
     Value { kind: Some(kind) }
 }
 
-pub fn to_struct(map: Map<String, Json>) -> Struct {
+/// An object that is itself `depth` levels deep.
+fn struct_at(map: Map<String, Json>, depth: usize) -> Struct {
     Struct {
-        fields: map.into_iter().map(|(k, v)| (k, to_value(v))).collect(),
+        fields: map
+            .into_iter()
+            .map(|(k, v)| (k, value_at(v, depth)))
+            .collect(),
     }
 }
 
@@ -87,6 +114,39 @@ mod tests {
         });
         let converted = to_value(original.clone());
         assert_eq!(from_value(&converted), original);
+    }
+
+    #[test]
+    fn json_nested_beyond_the_limit_is_carried_as_text() {
+        // Found by the status_body fuzz target's round-trip check: a result nested 60 arrays
+        // deep made an Execution that the gateway sent but no protobuf decoder accepts.
+        let nested = |depth: usize| -> Json {
+            serde_json::from_str(&format!("{}1{}", "[".repeat(depth), "]".repeat(depth))).unwrap()
+        };
+        assert_eq!(from_value(&to_value(nested(MAX_DEPTH))), nested(MAX_DEPTH));
+
+        let deep = to_value(nested(MAX_DEPTH + 5));
+        let mut innermost = &deep;
+        for _ in 0..MAX_DEPTH {
+            match &innermost.kind {
+                Some(Kind::ListValue(list)) => innermost = &list.values[0],
+                other => panic!("{other:?}"),
+            }
+        }
+        assert_eq!(
+            innermost.kind,
+            Some(Kind::StringValue("[[[[[1]]]]]".into()))
+        );
+
+        let mut object = json!(1);
+        for _ in 0..MAX_DEPTH {
+            object = json!({ "k": object });
+        }
+        let Json::Object(map) = object else {
+            unreachable!()
+        };
+        let converted = to_struct(map.clone());
+        assert_eq!(from_struct(&converted), Json::Object(map));
     }
 
     #[test]

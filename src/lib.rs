@@ -33,6 +33,8 @@ pub mod cli;
 pub mod credential;
 pub mod execution;
 pub mod execution_id;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod grpc_error;
 pub mod health;
 pub mod json;

@@ -75,14 +75,21 @@ pub fn derive(
         .map(|job| job.id().to_owned())
         .unwrap_or_default();
 
+    let total_jobs = reported.total_jobs.unwrap_or(saturating_u32(total));
+    // Reported and derived counts can disagree with each other (`totalJobs: 2` beside five
+    // completed jobs): a client must never see more jobs completed than there are.
+    let completed_jobs = reported
+        .completed_jobs
+        .unwrap_or(saturating_u32(completed))
+        .min(total_jobs);
     PipelineProgress {
         current_job: reported.current_job.unwrap_or(current_job),
         progress: reported
             .progress
             .unwrap_or(derived_percent)
             .clamp(0.0, 100.0),
-        total_jobs: reported.total_jobs.unwrap_or(saturating_u32(total)),
-        completed_jobs: reported.completed_jobs.unwrap_or(saturating_u32(completed)),
+        total_jobs,
+        completed_jobs,
     }
 }
 
@@ -168,6 +175,26 @@ mod tests {
             ReportedProgress::default(),
         );
         assert_eq!(progress.progress, 75.0);
+    }
+
+    #[test]
+    fn completed_jobs_never_exceed_total_jobs() {
+        // Found by fuzzing (target status_body): reported counts that disagree.
+        let reported = |total, completed| ReportedProgress {
+            total_jobs: total,
+            completed_jobs: completed,
+            ..ReportedProgress::default()
+        };
+        let three_done = jobs(&["completed", "completed", "completed"]);
+        for (reported, expected) in [
+            (reported(Some(2), Some(5)), (2, 2)),
+            (reported(Some(1), None), (1, 1)),
+            (reported(None, Some(7)), (3, 3)),
+            (reported(Some(9), Some(4)), (9, 4)),
+        ] {
+            let progress = derive(ExecutionState::Processing, &three_done, reported);
+            assert_eq!((progress.total_jobs, progress.completed_jobs), expected);
+        }
     }
 
     #[test]

@@ -51,7 +51,7 @@ impl WebhookSecret {
     }
 
     /// Whether `signature` (hex, with or without a `sha256=` prefix) signs `body`.
-    fn verifies(&self, body: &[u8], signature: &str) -> bool {
+    pub(crate) fn verifies(&self, body: &[u8], signature: &str) -> bool {
         let hex_digest = signature.trim().trim_start_matches("sha256=");
         let Ok(digest) = hex::decode(hex_digest) else {
             return false;

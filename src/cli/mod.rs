@@ -158,13 +158,17 @@ pub fn parse_duration(text: &str) -> Result<Duration, String> {
     let amount: u64 = digits
         .parse()
         .map_err(|_| format!("{text:?} does not start with a whole number"))?;
-    match unit {
-        "ms" => Ok(Duration::from_millis(amount)),
-        "s" => Ok(Duration::from_secs(amount)),
-        "m" => Ok(Duration::from_secs(amount * 60)),
-        "h" => Ok(Duration::from_secs(amount * 3600)),
-        _ => Err(format!("{text:?} has an unknown unit; use ms, s, m or h")),
-    }
+    let seconds_per_unit = match unit {
+        "ms" => return Ok(Duration::from_millis(amount)),
+        "s" => 1,
+        "m" => 60,
+        "h" => 3600,
+        _ => return Err(format!("{text:?} has an unknown unit; use ms, s, m or h")),
+    };
+    amount
+        .checked_mul(seconds_per_unit)
+        .map(Duration::from_secs)
+        .ok_or_else(|| format!("{text:?} is too long a duration"))
 }
 
 #[cfg(test)]
@@ -179,6 +183,14 @@ mod tests {
         assert!(parse_duration("5").is_err());
         assert!(parse_duration("s").is_err());
         assert!(parse_duration("1.5s").is_err());
+        // Found by fuzzing (target duration): the multiplication overflowed, a panic in a
+        // debug build and a wrapped, far shorter duration in a release build.
+        assert!(parse_duration("111111111111111111h").is_err());
+        assert!(parse_duration("18446744073709551615m").is_err());
+        assert_eq!(
+            parse_duration("18446744073709551615s"),
+            Ok(Duration::from_secs(u64::MAX))
+        );
     }
 
     #[test]

@@ -226,7 +226,10 @@ impl StatusSource for UpstreamClient {
 }
 
 /// Parses a 200 body and checks that it describes the execution asked for.
-fn parse_status_body(body: &[u8], asked: &ExecutionId) -> Result<StatusBody, UpstreamError> {
+pub(crate) fn parse_status_body(
+    body: &[u8],
+    asked: &ExecutionId,
+) -> Result<StatusBody, UpstreamError> {
     // serde_json quotes a mistyped string whole in its error, so the text is cut like an
     // upstream message: a status message of tens of kilobytes breaks the caller's HTTP/2
     // connection instead of reaching it.
@@ -243,7 +246,7 @@ fn parse_status_body(body: &[u8], asked: &ExecutionId) -> Result<StatusBody, Ups
 
 /// Maps a non-2xx answer to an error, keeping the upstream's message.
 /// An upstream message could echo the key it refused, so the key is redacted from it.
-fn error_for(
+pub(crate) fn error_for(
     status: StatusCode,
     body: &[u8],
     retry_after: Option<Duration>,
@@ -301,7 +304,7 @@ fn error_message(body: &[u8]) -> Option<String> {
 /// overflow an `Instant`.
 pub const MAX_RETRY_AFTER: Duration = Duration::from_secs(24 * 3600);
 
-fn retry_after(headers: &header::HeaderMap) -> Option<Duration> {
+pub(crate) fn retry_after(headers: &header::HeaderMap) -> Option<Duration> {
     let seconds = headers.get(header::RETRY_AFTER)?.to_str().ok()?.trim();
     if seconds.is_empty() || !seconds.bytes().all(|b| b.is_ascii_digit()) {
         return None;
