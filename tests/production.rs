@@ -74,6 +74,17 @@ fn slow_execution(simulator: &RunningSimulator) -> String {
         .unwrap()
 }
 
+/// Reads a stream to its end: the status it ended with, or `None` for OK.
+async fn end_of(stream: &mut Streaming<WatchExecutionResponse>) -> Option<tonic::Status> {
+    loop {
+        match stream.message().await {
+            Ok(Some(_)) => continue,
+            Ok(None) => return None,
+            Err(status) => return Some(status),
+        }
+    }
+}
+
 /// A watch from a client that grants no flow-control window: nothing can be sent to it,
 /// not even the status that would end its stream.
 async fn stuck_watch(gateway: &RunningGateway, id: &str) -> Streaming<WatchExecutionResponse> {
@@ -487,13 +498,9 @@ async fn drain_ends_watches_turns_not_serving_and_stops_despite_a_stuck_client()
 
     let shutdown = tokio::spawn(gateway.shutdown());
     for stream in &mut streams {
-        let end = loop {
-            match stream.message().await {
-                Ok(Some(_)) => continue,
-                Ok(None) => panic!("a drained watch must not end OK"),
-                Err(status) => break status,
-            }
-        };
+        let end = end_of(stream)
+            .await
+            .expect("a drained watch must not end OK");
         assert_eq!(end.code(), Code::Unavailable);
     }
     assert!(!health.is_serving());
@@ -520,18 +527,10 @@ async fn watches_end_cleanly_when_their_connection_ages_and_the_client_reconnect
         .unwrap()
         .into_inner();
     let first = stream.message().await.unwrap().unwrap();
-    let end = tokio::time::timeout(Duration::from_secs(4), async {
-        loop {
-            match stream.message().await {
-                Ok(Some(_)) => continue,
-                Ok(None) => return None,
-                Err(status) => return Some(status),
-            }
-        }
-    })
-    .await
-    .expect("the stream ends at the connection's age, not at the end of its grace")
-    .expect("an aged watch does not end OK");
+    let end = tokio::time::timeout(Duration::from_secs(4), end_of(&mut stream))
+        .await
+        .expect("the stream ends at the connection's age, not at the end of its grace")
+        .expect("an aged watch does not end OK");
     assert_eq!(end.code(), Code::Unavailable, "{end:?}");
     assert_eq!(
         end.get_details_error_info().unwrap().reason,
@@ -604,18 +603,10 @@ async fn watches_over_tls_end_when_their_connection_ages() {
         .await
         .unwrap()
         .into_inner();
-    let end = tokio::time::timeout(Duration::from_secs(20), async {
-        loop {
-            match stream.message().await {
-                Ok(Some(_)) => continue,
-                Ok(None) => return None,
-                Err(status) => return Some(status),
-            }
-        }
-    })
-    .await
-    .expect("the watch ends at its connection's age, long before the grace")
-    .expect("an aged watch does not end OK");
+    let end = tokio::time::timeout(Duration::from_secs(20), end_of(&mut stream))
+        .await
+        .expect("the watch ends at its connection's age, long before the grace")
+        .expect("an aged watch does not end OK");
     assert_eq!(end.code(), Code::Unavailable, "{end:?}");
     assert_eq!(
         end.get_details_error_info().unwrap().reason,
