@@ -351,8 +351,9 @@ const ACCEPT_PAUSE: Duration = Duration::from_millis(500);
 /// request extensions (see [`ConnectionInfo::of`]).
 #[derive(Debug, Clone)]
 pub struct ConnectionInfo {
-    /// When the connection was accepted.
-    pub accepted_at: std::time::Instant,
+    /// When the gateway began serving the connection: after its TLS handshake, if any, at
+    /// the moment tonic starts timing its maximum age.
+    pub established_at: std::time::Instant,
     pub remote_addr: Option<SocketAddr>,
 }
 
@@ -377,7 +378,7 @@ fn limits_close_after(limits: &Limits) -> Option<Duration> {
 /// reads and writes once its maximum age and grace have passed, so that hyper closes it.
 struct AcceptedStream {
     inner: TcpStream,
-    info: ConnectionInfo,
+    remote_addr: SocketAddr,
     closes: Option<Pin<Box<tokio::time::Sleep>>>,
 }
 
@@ -397,8 +398,13 @@ impl AcceptedStream {
 impl Connected for AcceptedStream {
     type ConnectInfo = ConnectionInfo;
 
+    /// tonic asks once per connection, when it starts serving it (after the TLS handshake)
+    /// and starts its max-age timer.
     fn connect_info(&self) -> ConnectionInfo {
-        self.info.clone()
+        ConnectionInfo {
+            established_at: std::time::Instant::now(),
+            remote_addr: Some(self.remote_addr),
+        }
     }
 }
 
@@ -487,16 +493,12 @@ impl Stream for Incoming {
                 if let Err(err) = stream.set_nodelay(true) {
                     debug!(error = %err, "could not set TCP_NODELAY on a connection");
                 }
-                let info = ConnectionInfo {
-                    accepted_at: std::time::Instant::now(),
-                    remote_addr: Some(remote_addr),
-                };
                 let closes = self
                     .closes_after
                     .map(|after| Box::pin(tokio::time::sleep(after)));
                 Poll::Ready(Some(Ok(AcceptedStream {
                     inner: stream,
-                    info,
+                    remote_addr,
                     closes,
                 })))
             }

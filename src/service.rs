@@ -201,12 +201,12 @@ impl ExecutionStatusApi {
     /// shortly after its GOAWAY, and well within the grace if there is one.
     fn connection_ages<T>(&self, request: &Request<T>) -> Option<Instant> {
         let age = self.settings.max_connection_age?;
-        let accepted_at = Instant::from_std(ConnectionInfo::of(request)?.accepted_at);
+        let established_at = Instant::from_std(ConnectionInfo::of(request)?.established_at);
         let after_goaway = self
             .settings
             .max_connection_age_grace
             .map_or(AFTER_GOAWAY, |grace| AFTER_GOAWAY.min(grace / 2));
-        Some(accepted_at + age + after_goaway)
+        Some(established_at + age + after_goaway)
     }
 }
 
