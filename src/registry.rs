@@ -106,6 +106,10 @@ pub struct PollState {
     pub confirmed_at: Option<Instant>,
     /// Fetches finished so far, successful or not.
     pub attempts: u64,
+    /// Whether a fetch is in flight now. Set without waking anyone (watchers have nothing
+    /// new to see), so that a unary read can wait for that fetch instead of asking for
+    /// another one.
+    pub fetching: bool,
     /// The error of the latest fetch, when it failed.
     pub last_error: Option<UpstreamError>,
     /// No fetch happens before this instant: the upstream's `Retry-After` is running.
@@ -327,14 +331,17 @@ impl Registry {
         trace: Option<&TraceContext>,
     ) -> Result<Arc<Execution>, ReadError> {
         let mut watcher = self.watch_traced(credential, execution_id, trace);
-        let attempts_before = {
+        let (attempts_before, fetching) = {
             let state = watcher.updates.borrow_and_update();
             if let Some(answer) = self.answer_now(&state) {
                 return answer;
             }
-            state.attempts
+            (state.attempts, state.fetching)
         };
-        watcher.refresh_traced(trace);
+        // A fetch in flight finishes after this call began, which is all a read needs.
+        if !fetching {
+            watcher.refresh_traced(trace);
+        }
 
         loop {
             let closed = watcher.updates.changed().await.is_err();
@@ -448,6 +455,7 @@ fn ended_watcher(snapshot: Arc<Execution>) -> Watcher {
         snapshot: Some(snapshot),
         confirmed_at: Some(Instant::now()),
         attempts: 0,
+        fetching: false,
         last_error: None,
         retry_not_before: None,
         end: Some(PollEnd::Ended),
@@ -566,6 +574,10 @@ impl Poller {
                 .stats
                 .upstream_requests
                 .fetch_add(1, Ordering::Relaxed);
+            self.handle.updates.send_if_modified(|state| {
+                state.fetching = true;
+                false
+            });
             let asked_by = self.handle.refresh.take_trace();
             let span = info_span!("upstream_request", execution_id = %self.key.execution_id, otel.kind = "client");
             let trace =
@@ -622,6 +634,7 @@ impl Poller {
             }
             state.confirmed_at = Some(now);
             state.attempts += 1;
+            state.fetching = false;
             state.last_error = None;
             state.retry_not_before = None;
         });
@@ -660,6 +673,7 @@ impl Poller {
         let not_before = self.not_before;
         self.handle.updates.send_modify(|state| {
             state.attempts += 1;
+            state.fetching = false;
             state.last_error = Some(err);
             state.retry_not_before = not_before;
         });
@@ -736,9 +750,10 @@ impl Poller {
                 warn!(execution_id = %self.key.execution_id, ?lasted, error = %last, "poller gave up: upstream outage")
             }
         }
-        self.handle
-            .updates
-            .send_modify(|state| state.end = Some(end));
+        self.handle.updates.send_modify(|state| {
+            state.fetching = false;
+            state.end = Some(end);
+        });
     }
 
     fn leave(&self, pollers: &mut HashMap<PollerKey, Arc<PollerHandle>>) {
@@ -1167,6 +1182,32 @@ mod tests {
             source.fetches(),
             1,
             "a snapshot younger than the interval is reused"
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_read_during_a_fetch_is_answered_by_it_and_asks_for_no_other() {
+        let source = ScriptedSource::new(vec![body("processing", 0)]);
+        let registry = Registry::new(source.clone(), settings());
+        let _watcher = registry.watch(&alice(), &id("e1"));
+        // Unchanged polls back off to the 8 s ceiling; wait for a scheduled fetch to begin.
+        sleep(Duration::from_secs(20)).await;
+        let before = source.fetches();
+        while source.fetches() == before {
+            sleep(Duration::from_millis(1)).await;
+        }
+
+        registry.get(&alice(), &id("e1")).await.unwrap();
+        assert_eq!(
+            source.fetches(),
+            before + 1,
+            "answered by the fetch in flight"
+        );
+        sleep(Duration::from_secs(2)).await;
+        assert_eq!(
+            source.fetches(),
+            before + 1,
+            "no second fetch for a read that the first one answered"
         );
     }
 
