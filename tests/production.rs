@@ -74,6 +74,25 @@ fn slow_execution(simulator: &RunningSimulator) -> String {
         .unwrap()
 }
 
+/// Opens `count` watches of `id` on `client`, each past its first message.
+async fn open_watches(
+    client: &mut ExecutionStatusServiceClient<Channel>,
+    id: &str,
+    count: usize,
+) -> Vec<Streaming<WatchExecutionResponse>> {
+    let mut streams = Vec::with_capacity(count);
+    for _ in 0..count {
+        let mut stream = client
+            .watch_execution(watch_request(id))
+            .await
+            .unwrap()
+            .into_inner();
+        stream.message().await.unwrap().unwrap();
+        streams.push(stream);
+    }
+    streams
+}
+
 /// Reads a stream to its end: the status it ended with, or `None` for OK.
 async fn end_of(stream: &mut Streaming<WatchExecutionResponse>) -> Option<tonic::Status> {
     loop {
@@ -482,16 +501,7 @@ async fn drain_ends_watches_turns_not_serving_and_stops_despite_a_stuck_client()
     let _stuck = stuck_watch(&gateway, &id).await;
 
     let mut client = ExecutionStatusServiceClient::new(channel(&gateway).await);
-    let mut streams = Vec::new();
-    for _ in 0..100 {
-        let mut stream = client
-            .watch_execution(watch_request(&id))
-            .await
-            .unwrap()
-            .into_inner();
-        stream.message().await.unwrap().unwrap();
-        streams.push(stream);
-    }
+    let mut streams = open_watches(&mut client, &id, 100).await;
     let health = gateway.health.clone();
     let readyz = format!("http://{}/readyz", serve_operations(&gateway, None).await);
     assert_eq!(reqwest::get(&readyz).await.unwrap().status(), 200);
@@ -656,16 +666,7 @@ async fn concurrency_per_connection_counts_a_watch_only_until_its_stream_opens()
     let gateway = start(&simulator, settings).await;
     let id = slow_execution(&simulator);
     let mut client = ExecutionStatusServiceClient::new(channel(&gateway).await);
-    let mut streams = Vec::new();
-    for _ in 0..2 {
-        let mut stream = client
-            .watch_execution(watch_request(&id))
-            .await
-            .unwrap()
-            .into_inner();
-        stream.message().await.unwrap().unwrap();
-        streams.push(stream);
-    }
+    let _streams = open_watches(&mut client, &id, 2).await;
     // As documented: open watches hold no slot, so a read on the same connection is
     // answered (were they counted, it would wait for one to end and miss its deadline).
     let mut read = with_key(GetExecutionStatusRequest {
