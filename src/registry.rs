@@ -132,13 +132,6 @@ pub enum PollEnd {
     },
 }
 
-/// Counters of the registry, for the demo and for metrics.
-#[derive(Debug, Default)]
-pub struct RegistryStats {
-    /// Upstream status requests sent by all pollers.
-    pub upstream_requests: AtomicU64,
-}
-
 /// The pollers, the cache of ended executions, and the shared limits.
 #[derive(Debug, Clone)]
 pub struct Registry {
@@ -153,7 +146,6 @@ struct Inner {
     ended: Mutex<LruCache<PollerKey, Arc<Execution>>>,
     in_flight: Semaphore,
     next_revision: AtomicU64,
-    stats: RegistryStats,
     metrics: Metrics,
     /// Since when upstream requests have failed without an HTTP answer or with a 5xx;
     /// `None` while Synthome answers. Read by the health checks.
@@ -164,7 +156,6 @@ impl std::fmt::Debug for Inner {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Registry")
             .field("settings", &self.settings)
-            .field("stats", &self.stats)
             .finish_non_exhaustive()
     }
 }
@@ -239,7 +230,6 @@ impl Registry {
                 settings,
                 pollers: Mutex::new(HashMap::new()),
                 next_revision: AtomicU64::new(seed),
-                stats: RegistryStats::default(),
                 metrics: Metrics::new(),
                 upstream_failing_since: Mutex::new(None),
             }),
@@ -248,10 +238,6 @@ impl Registry {
 
     pub fn settings(&self) -> &PollSettings {
         &self.inner.settings
-    }
-
-    pub fn stats(&self) -> &RegistryStats {
-        &self.inner.stats
     }
 
     /// The gateway's metrics, which the registry's pollers feed.
@@ -570,10 +556,6 @@ impl Poller {
     async fn poll_once(&mut self) -> Next {
         let (outcome, took) = {
             let _permit = self.inner.in_flight.acquire().await;
-            self.inner
-                .stats
-                .upstream_requests
-                .fetch_add(1, Ordering::Relaxed);
             self.handle.updates.send_if_modified(|state| {
                 state.fetching = true;
                 false
